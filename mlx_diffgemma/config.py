@@ -1,0 +1,105 @@
+"""Sampler settings and their precedence, written down once.
+
+Precedence: explicit argument > the checkpoint's generation_config.json > transformers'
+defaults (`DiffusionGemmaGenerationConfig._get_default_generation_params`).
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Settings of the entropy-bound sampler (names as in transformers).
+
+    Args:
+        max_new_tokens: tokens to generate; whole canvases are computed, so the model
+            runs ceil(max_new_tokens / canvas_length) canvases at most.
+        max_denoising_steps: denoising steps per canvas at most (N).
+        entropy_bound: accept the lowest-entropy tokens whose summed entropy minus the
+            largest is at most this (nats); larger accepts more tokens per step.
+        t_min: temperature at the last step (never reached: the last step uses
+            t_min + (t_max - t_min) / N).
+        t_max: temperature at the first step of a canvas.
+        stability_threshold: stop a canvas early once its argmax was unchanged for this
+            many steps (and it is confident); 0 skips the stability test.
+        confidence_threshold: ... and once the mean token entropy is below this.
+        eos_token_id: ids that end generation; None means no EOS stop.
+        pad_token_id: id written after EOS.
+    """
+
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_id: Optional[Tuple[int, ...]] = None
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        elif self.eos_token_id is not None:
+            object.__setattr__(self, "eos_token_id", tuple(int(i) for i in self.eos_token_id))
+        self.validate()
+
+    def validate(self):
+        def fail(name, rule):
+            raise ValueError(f"{name} must be {rule} (got {getattr(self, name)!r}).")
+
+        for name in ("max_new_tokens", "max_denoising_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                fail(name, "a positive integer")
+        s = self.stability_threshold
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            fail("stability_threshold", "an integer >= 0")
+        for name in ("entropy_bound", "confidence_threshold"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                fail(name, "a number > 0")
+        for name in ("t_min", "t_max"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+                fail(name, "a number >= 0")
+        if not self.t_max > self.t_min:
+            raise ValueError(
+                f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})."
+            )
+
+    @classmethod
+    def from_generation_config(cls, gen: Dict[str, Any]) -> "DiffusionConfig":
+        """Settings from a generation_config.json dict; missing keys keep transformers' defaults."""
+        kw = {f.name: gen[f.name] for f in dataclasses.fields(cls) if gen.get(f.name) is not None}
+        sampler = gen.get("sampler_config") or {}
+        if sampler.get("entropy_bound") is not None:
+            kw["entropy_bound"] = sampler["entropy_bound"]
+        return cls(**kw)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path]) -> "DiffusionConfig":
+        """Read generation_config.json (EOS falls back to config.json's eos_token_id)."""
+        path = Path(path)
+        gen = _read_json(path / "generation_config.json")
+        if gen.get("eos_token_id") is None:
+            config = _read_json(path / "config.json")
+            eos = config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id"))
+            if eos is not None:
+                gen = {**gen, "eos_token_id": eos}
+        return cls.from_generation_config(gen)
+
+    def replace(self, **overrides) -> "DiffusionConfig":
+        """A copy with the given settings; None means "keep the current value"."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        return json.load(f)

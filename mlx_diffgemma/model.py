@@ -1,0 +1,448 @@
+"""DiffusionGemma text model: one set of Gemma 4 MoE weights run in two modes.
+
+`encode` is a causal pass that appends K/V to the cache; `denoise` is a bidirectional
+pass of a canvas over [cached K/V + canvas K/V] that never writes the cache.
+Module and parameter names follow transformers' checkpoint keys so weights load 1:1.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs, create_causal_mask
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.gemma4_text import geglu
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
+
+from .cache import SlidingWindowCache, cached_kv
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    # Defaults are the released google/diffusiongemma-26B-A4B-it text_config.
+    model_type: str = "diffusion_gemma"
+    vocab_size: int = 262144
+    hidden_size: int = 2816
+    intermediate_size: int = 2112
+    moe_intermediate_size: int = 704
+    num_experts: int = 128
+    top_k_experts: int = 8
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 256
+    # transformers falls back to 512 when neither this nor per_layer_config is given.
+    global_head_dim: int = 512
+    num_global_key_value_heads: Optional[int] = None
+    per_layer_config: Optional[Dict[str, Dict[str, Any]]] = None
+    layer_types: Optional[List[str]] = None
+    sliding_window: int = 1024
+    rope_parameters: Optional[Dict[str, Dict[str, Any]]] = None
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float = 30.0
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_bias: bool = False
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 262144
+    canvas_length: int = 256
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_dict(cls, params):
+        """Accept a top-level DiffusionGemma config (text_config + canvas_length) or a flat text config."""
+        text = dict(params.get("text_config", params))
+        for k in ("canvas_length", "model_type"):
+            if k in params:
+                text[k] = params[k]
+        return super().from_dict(text)
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            self.layer_types = [
+                "sliding_attention" if (i + 1) % 6 else "full_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        # transformers forces the last layer to full attention.
+        self.layer_types = list(self.layer_types[: self.num_hidden_layers])
+        self.layer_types[-1] = "full_attention"
+        if self.rope_parameters is None:
+            self.rope_parameters = {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {
+                    "rope_type": "proportional",
+                    "partial_rotary_factor": 0.25,
+                    "rope_theta": 1000000.0,
+                },
+            }
+        if self.hidden_activation != "gelu_pytorch_tanh":
+            raise ValueError(
+                f"hidden_activation={self.hidden_activation!r} is not supported; "
+                "DiffusionGemma uses 'gelu_pytorch_tanh'."
+            )
+        if self.attention_bias:
+            raise ValueError("attention_bias=True is not supported; DiffusionGemma has none.")
+        if not self.tie_word_embeddings:
+            raise ValueError(
+                "tie_word_embeddings=False is not supported: the LM head is the embedding."
+            )
+
+    def attention_dims(self, i: int):
+        """(head_dim, num_key_value_heads) of layer i, for either config key style."""
+        if self.per_layer_config is not None:
+            o = self.per_layer_config.get(str(i), self.per_layer_config.get(i, {}))
+            return o.get("head_dim", self.head_dim), o.get(
+                "num_key_value_heads", self.num_key_value_heads
+            )
+        if self.layer_types[i] == "full_attention":
+            return self.global_head_dim, (
+                self.num_global_key_value_heads or self.num_key_value_heads
+            )
+        return self.head_dim, self.num_key_value_heads
+
+
+def rms_norm_no_scale(x, eps):
+    return mx.fast.rms_norm(x, None, eps)
+
+
+def embed_scaled(embed: nn.Module, ids: mx.array, scale: float) -> mx.array:
+    # transformers casts sqrt(hidden) to the weight dtype first: 53.066 -> bf16 53.0.
+    h = embed(ids)
+    return h * mx.array(scale, dtype=h.dtype)
+
+
+def embed_transpose_matmul(embed: nn.Module, x: mx.array) -> mx.array:
+    """x @ E for E [vocab, hidden]: the self-conditioning soft embedding."""
+    if isinstance(embed, nn.QuantizedEmbedding):
+        return mx.quantized_matmul(
+            x,
+            embed.weight,
+            embed.scales,
+            embed.get("biases"),
+            transpose=False,
+            group_size=embed.group_size,
+            bits=embed.bits,
+            mode=embed.mode,
+        )
+    return x @ embed.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, i: int):
+        super().__init__()
+        layer_type = args.layer_types[i]
+        self.is_sliding = layer_type == "sliding_attention"
+        self.window = args.sliding_window
+        self.head_dim, self.n_kv_heads = args.attention_dims(i)
+        self.n_heads = args.num_attention_heads
+        self.eps = args.rms_norm_eps
+        dim, hd = args.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
+        # Full-attention layers have no v_proj: v = v_norm(k_proj(x)), un-rotated.
+        if self.is_sliding:
+            self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=False)
+        self.q_norm = nn.RMSNorm(hd, eps=self.eps)
+        self.k_norm = nn.RMSNorm(hd, eps=self.eps)
+        rope = args.rope_parameters[layer_type]
+        if rope.get("rope_type", "default") == "default" and (
+            rope.get("partial_rotary_factor", 1.0) != 1.0
+        ):
+            raise ValueError(f"Partial rotation with default RoPE is not supported: {rope}")
+        self.rope = initialize_rope(
+            hd,
+            base=rope["rope_theta"],
+            traditional=False,
+            scaling_config=rope,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def kv(self, x, offset):
+        B, L, _ = x.shape
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(k.shape) if self.is_sliding else k
+        k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset=offset)
+        v = rms_norm_no_scale(v, self.eps).transpose(0, 2, 1, 3)
+        return k, v
+
+    def __call__(self, x, cache, encode: bool):
+        B, L, _ = x.shape
+        offset = cache.offset
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
+        q = self.rope(self.q_norm(q).transpose(0, 2, 1, 3), offset=offset)
+        k, v = self.kv(x, offset)
+        if encode:
+            past = cache.size()
+            k, v = cache.update_and_fetch(k, v)
+            if self.is_sliding and past + L > self.window:
+                mask = create_causal_mask(L, past, window_size=self.window)
+            else:
+                mask = "causal" if L > 1 else None
+        else:
+            # Bidirectional over [cache + canvas]; RoPE is baked into the keys, so no mask.
+            past = cached_kv(cache)
+            if past is not None:
+                k = mx.concatenate([past[0], k], axis=2)
+                v = mx.concatenate([past[1], v], axis=2)
+            mask = None
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Router(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.eps = args.rms_norm_eps
+        self.top_k = args.top_k_experts
+        self.root_size = args.hidden_size**-0.5
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+
+    def __call__(self, x):
+        x = rms_norm_no_scale(x, self.eps) * self.scale * self.root_size
+        scores = self.proj(x).astype(mx.float32)
+        inds = mx.argpartition(scores, kth=-self.top_k, axis=-1)[..., -self.top_k :]
+        inds = mx.stop_gradient(inds)
+        # softmax over the top-k == full softmax, top-k, renormalise (transformers).
+        weights = mx.softmax(mx.take_along_axis(scores, inds, axis=-1), axis=-1)
+        return inds, weights * self.per_expert_scale[inds]
+
+
+class Experts(nn.Module):
+    """128 GeGLU experts with the checkpoint's fused gate|up weight (gate first)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden, n = args.hidden_size, args.moe_intermediate_size, args.num_experts
+        self.gate_up_proj = SwitchLinear(dim, 2 * hidden, n, bias=False)
+        self.down_proj = SwitchLinear(hidden, dim, n, bias=False)
+
+    def __call__(self, x, inds, weights):
+        # x: (N, D), inds/weights: (N, K)
+        x = mx.expand_dims(x, (-2, -3))
+        # Sort the N*K (token, expert) rows by expert once; both matmuls reuse the order.
+        do_sort = inds.size >= 64
+        idx, inv_order = inds, None
+        if do_sort:
+            x, idx, inv_order = _gather_sort(x, inds)
+        gate, up = mx.split(self.gate_up_proj(x, idx, sorted_indices=do_sort), 2, axis=-1)
+        y = self.down_proj(geglu(gate, up), idx, sorted_indices=do_sort)
+        if do_sort:
+            y = _scatter_unsort(y, inv_order, inds.shape)
+        y = y.squeeze(-2)  # (N, K, D)
+        # Weighted sum over the K experts in fp32, as transformers' grouped_mm path.
+        return (y * weights[..., None]).sum(axis=-2).astype(y.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """One transformer layer; the encoder runs the same weights with its own layer_scalar."""
+
+    def __init__(self, args: ModelArgs, i: int):
+        super().__init__()
+        dim, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, i)
+        self.mlp = MLP(dim, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(args)
+        self.input_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.post_feedforward_layernorm_1 = nn.RMSNorm(dim, eps=eps)
+        self.pre_feedforward_layernorm_2 = nn.RMSNorm(dim, eps=eps)
+        self.post_feedforward_layernorm_2 = nn.RMSNorm(dim, eps=eps)
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x, cache, encode: bool, layer_scalar: mx.array):
+        h = self.self_attn(self.input_layernorm(x), cache, encode)
+        r = x + self.post_attention_layernorm(h)
+
+        # Dense MLP and MoE run in parallel on r; the router reads the un-normed r.
+        h1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
+        flat = r.reshape(-1, r.shape[-1])
+        inds, weights = self.router(flat)
+        h2 = self.experts(self.pre_feedforward_layernorm_2(flat), inds, weights)
+        h2 = self.post_feedforward_layernorm_2(h2.reshape(r.shape))
+        return (r + self.post_feedforward_layernorm(h1 + h2)) * layer_scalar
+
+
+class SelfConditioning(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.eps = args.rms_norm_eps
+        self.pre_norm = nn.RMSNorm(args.hidden_size, eps=self.eps)
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x, soft: Optional[mx.array]):
+        # With no signal (first step) the MLP of zeros is exactly zero: skip it.
+        if soft is not None:
+            n = self.pre_norm(soft)
+            x = x + self.down_proj(geglu(self.gate_proj(n), self.up_proj(n)))
+        return rms_norm_no_scale(x, self.eps)
+
+
+class TextModel(nn.Module):
+    """The stored text weights (`model.decoder.*`)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+
+
+class LayerScalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer_scalar = mx.ones((1,))
+
+
+class EncoderLanguageModel(nn.Module):
+    """The encoder ties every weight to the decoder except its layer scalars."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.layers = [LayerScalar() for _ in range(args.num_hidden_layers)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.language_model = EncoderLanguageModel(args)
+
+
+class DiffusionGemmaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.decoder = TextModel(args)
+        self.encoder = Encoder(args)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DiffusionGemmaModel(args)
+        self.embed_scale = args.hidden_size**0.5
+
+    @property
+    def layers(self):
+        return self.model.decoder.layers
+
+    def make_cache(self):
+        """One cache per layer: full layers keep all tokens, sliding layers the last W-1."""
+        return [
+            KVCache()
+            if t == "full_attention"
+            else SlidingWindowCache(self.args.sliding_window - 1)
+            for t in self.args.layer_types
+        ]
+
+    def encode(self, input_ids: mx.array, cache: List[Any]) -> None:
+        """Causal pass over `input_ids` (B, L) that appends their K/V to `cache`.
+
+        Positions continue after the tokens already in the cache. Only K/V matter here,
+        so the last layer computes just its K/V (no attention, FFN or final norm).
+        """
+        text = self.model.decoder
+        scalars = self.model.encoder.language_model.layers
+        x = embed_scaled(text.embed_tokens, input_ids, self.embed_scale)
+        for layer, s, c in zip(text.layers[:-1], scalars, cache):
+            x = layer(x, c, True, s.layer_scalar)
+        last, c = text.layers[-1], cache[-1]
+        c.update_and_fetch(*last.self_attn.kv(last.input_layernorm(x), c.offset))
+
+    def self_conditioning_embeddings(self, probs: mx.array) -> mx.array:
+        """probs @ E * sqrt(hidden) in the embedding dtype: the expected input embedding."""
+        embed = self.model.decoder.embed_tokens
+        dtype = embed.scales.dtype if isinstance(embed, nn.QuantizedEmbedding) else embed.weight.dtype
+        soft = embed_transpose_matmul(embed, probs.astype(dtype))
+        return soft * mx.array(self.embed_scale, dtype=soft.dtype)
+
+    def denoise(
+        self,
+        canvas: mx.array,
+        cache: List[Any],
+        self_conditioning_logits: Optional[mx.array] = None,
+        *,
+        self_conditioning_probs: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Bidirectional pass of `canvas` (B, C) over the cache; returns float32 logits (B, C, V).
+
+        Canvas positions continue after the cache; the cache is not modified. The
+        previous step's (temperature-scaled) logits condition the input; a sampler that
+        already has their softmax passes `self_conditioning_probs` instead.
+        """
+        if self_conditioning_logits is not None and self_conditioning_probs is not None:
+            raise ValueError("Pass self_conditioning_logits or self_conditioning_probs, not both.")
+        text = self.model.decoder
+        x = embed_scaled(text.embed_tokens, canvas, self.embed_scale)
+        soft = None
+        if self_conditioning_logits is not None:
+            self_conditioning_probs = mx.softmax(
+                self_conditioning_logits.astype(mx.float32), axis=-1, precise=True
+            )
+        if self_conditioning_probs is not None:
+            soft = self.self_conditioning_embeddings(self_conditioning_probs)
+        x = text.self_conditioning(x, soft)
+        for layer, c in zip(text.layers, cache):
+            x = layer(x, c, False, layer.layer_scalar)
+        logits = text.embed_tokens.as_linear(text.norm(x)).astype(mx.float32)
+        cap = self.args.final_logit_softcapping
+        return mx.tanh(logits / cap) * cap
+
+    __call__ = denoise
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        """Map checkpoint keys to this model's parameters; idempotent.
+
+        Accepts the transformers layout (vision tower and tied copies dropped, fused
+        expert tensors without a `.weight` suffix) and converted MLX folders.
+        """
+        out = {}
+        for k, v in weights.items():
+            if k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")):
+                continue  # text-only
+            if k == "lm_head.weight" or "rotary_emb" in k:
+                continue  # tied to embed_tokens / recomputed
+            if k.startswith("model.encoder.language_model.") and not k.endswith(
+                ".layer_scalar"
+            ):
+                continue  # tied copies of model.decoder.*
+            if k.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                k = f"{k}.weight"
+            out[k] = v
+        return out
+
+    @property
+    def quant_predicate(self):
+        """Mixed recipe: experts and self-conditioning at the requested bits; embedding,
+        attention, dense MLP and router at 8 bits (they set how fast denoising converges)."""
+
+        def predicate(path, module):
+            if path.endswith("embed_tokens") or ".self_attn." in path or ".mlp." in path:
+                return {"group_size": 64, "bits": 8}
+            if path.endswith("router.proj"):
+                return {"group_size": 64, "bits": 8}
+            return True
+
+        return predicate
