@@ -439,10 +439,10 @@ class Model(nn.Module):
         attention, dense MLP and router at 8 bits (they set how fast denoising converges)."""
 
         def predicate(path, module):
-            if path.endswith("embed_tokens") or ".self_attn." in path or ".mlp." in path:
-                return {"group_size": 64, "bits": 8}
-            if path.endswith("router.proj"):
-                return {"group_size": 64, "bits": 8}
+            eight_bit = path.endswith(("embed_tokens", "router.proj"))
+            if eight_bit or ".self_attn." in path or ".mlp." in path:
+                # Like mlx-lm, leave a layer in float when groups do not divide its rows.
+                return module.weight.shape[-1] % 64 == 0 and {"group_size": 64, "bits": 8}
             return True
 
         return predicate
