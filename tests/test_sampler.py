@@ -9,7 +9,7 @@ import pytest
 
 from mlx_diffgemma import sampler as S
 from mlx_diffgemma.config import DiffusionConfig
-from mlx_diffgemma.generate import Block, DenoiseStep, generate_step
+from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step
 
 
 def test_entropy_bound_accepts_lowest_entropy_prefix():

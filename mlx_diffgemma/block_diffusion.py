@@ -1,0 +1,133 @@
+"""The block-diffusion loop on token ids (transformers' `DiffusionGemmaGenerationMixin.generate`).
+
+1. a. encode the prompt (then each appended canvas) into the cache;
+   b. start a canvas from uniform random ids;
+   c. per denoising step: denoise, temperature, sample, argmax, entropy-bound accept,
+      renoise the rest, stable-and-confident stop;
+   d. append the argmax canvas; e. pad after EOS and stop when every row has ended.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Generator, List, Optional, Union
+
+import mlx.core as mx
+
+from . import sampler as S
+from .config import DiffusionConfig
+
+
+@dataclass(frozen=True)
+class DenoiseStep:
+    """One denoising step of block `block` (token-level event)."""
+
+    block: int
+    step: int  # 1-based count of steps run on this canvas
+    argmax: mx.array  # (B, C) the draft: argmax of this step's logits
+    accepted: mx.array  # (B, C) bool, positions kept from this step's samples
+    canvas: mx.array  # (B, C) the next step's input (accepted samples + fresh noise)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A committed canvas (token-level event)."""
+
+    block: int
+    tokens: mx.array  # (B, C) argmax canvas, pad after the first EOS
+    steps: int  # denoising steps run on this canvas
+    finished: mx.array  # (B,) bool, rows that have emitted EOS
+    decoder_forwards: mx.array  # (B,) int, counted as transformers' tokens_per_forward does
+
+
+def prefill(model, prompt: mx.array, cache: List[Any], step_size: int = 512) -> None:
+    """Encode `prompt` (B, L) in chunks; chunking is exact (see SlidingWindowCache)."""
+    for i in range(0, prompt.shape[1], step_size):
+        model.encode(prompt[:, i : i + step_size], cache)
+        mx.eval([c.state for c in cache])
+
+
+def generate_step(
+    prompt: mx.array,
+    model,
+    *,
+    config: DiffusionConfig,
+    cache: Optional[List[Any]] = None,
+    key: Optional[mx.array] = None,
+    draws: Optional[Any] = None,
+    canvas: Optional[mx.array] = None,
+    drafts: bool = False,
+    prefill_step_size: int = 512,
+) -> Generator[Union[DenoiseStep, Block], None, None]:
+    """Generate canvases for `prompt` (B, L) token ids; yields `Block`s (and `DenoiseStep`s
+    when `drafts`).
+
+    Args:
+        prompt: tokens not yet in `cache`.
+        model: a `Model`.
+        config: sampler settings.
+        cache: from `model.make_cache()`, possibly holding earlier turns; a new one if None.
+            On return it holds the prompt and every canvas but the last.
+        key: `mx.random.key` for all random draws; or pass `draws` (an object with
+            `initial_canvas(shape)`, `noise(shape)`, `sample(logprobs)`), e.g. to replay.
+        canvas: (B, C) starting canvas of the first block instead of random ids.
+        drafts: also yield every denoising step.
+    """
+    if (key is None) == (draws is None):
+        raise ValueError("Pass exactly one of key or draws.")
+    draws = draws or S.RandomDraws(key, model.args.vocab_size)
+    cache = model.make_cache() if cache is None else cache
+    B = prompt.shape[0]
+    C = model.args.canvas_length
+    N = config.max_denoising_steps
+    if canvas is not None and canvas.shape != (B, C):
+        raise ValueError(f"canvas must have shape {(B, C)}, got {tuple(canvas.shape)}.")
+    eos = mx.array(config.eos_token_id or (), dtype=mx.int32)
+
+    prefill(model, prompt, cache, prefill_step_size)
+    finished = mx.zeros((B,), dtype=mx.bool_)
+    forwards = mx.zeros((B,), dtype=mx.int32)
+    last = None
+    for block in range(math.ceil(config.max_new_tokens / C)):
+        if last is not None:
+            # Re-encode the appended canvas at the positions the decoder used.
+            model.encode(last, cache)
+        x = canvas if block == 0 and canvas is not None else draws.initial_canvas((B, C))
+        argmax, probs = x, None
+        history = [mx.full((B, C), -1, dtype=x.dtype)] * config.stability_threshold
+        done = mx.zeros((B,), dtype=mx.bool_)
+        steps = 0
+        for n in range(N, 0, -1):
+            forwards = forwards + (~(done | finished)).astype(mx.int32)
+            logits = model.denoise(x, cache, self_conditioning_probs=probs)
+            logits = logits / S.temperature(n, N, config.t_min, config.t_max)
+            # One log-softmax serves sampling, entropy, the stop test and self-conditioning.
+            logp = S.log_softmax(logits)
+            ent = S.entropy(logp)
+            accepted = S.entropy_bound_accept(ent, config.entropy_bound)
+            new_x = S.renoise(accepted, draws.sample(logp), draws.noise((B, C)))
+            new_argmax = mx.argmax(logits, axis=-1).astype(x.dtype)
+            new_probs = mx.exp(logp)
+            # Rows that already stopped keep their canvas, argmax and conditioning.
+            keep = done[:, None]
+            new_argmax = mx.where(keep, argmax, new_argmax)
+            x = mx.where(keep, x, new_x)
+            if probs is not None:
+                new_probs = mx.where(keep[..., None], probs, new_probs)
+            stable = S.is_stable(history, new_argmax)
+            history = history[1:] + [new_argmax] if history else history
+            done = done | (stable & S.is_confident(ent, config.confidence_threshold))
+            argmax, probs = new_argmax, new_probs
+            steps += 1
+            mx.async_eval(x, argmax, probs, done, forwards)
+            if drafts:
+                yield DenoiseStep(block, steps, argmax, accepted, x)
+            if mx.all(done).item():  # the one host sync per step
+                break
+        tokens, has_eos = S.pad_after_eos(argmax, eos, config.pad_token_id)
+        # Rows that ended in an earlier canvas get a canvas of pad.
+        tokens = mx.where(finished[:, None], config.pad_token_id, tokens)
+        finished = finished | has_eos
+        last = tokens
+        yield Block(block, tokens, steps, finished, forwards)
+        if mx.all(finished).item():
+            break
