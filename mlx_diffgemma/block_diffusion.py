@@ -39,6 +39,10 @@ class Block:
     decoder_forwards: mx.array  # (B,) int, counted as transformers' tokens_per_forward does
 
 
+_step_stats = mx.compile(S.step_stats)
+_step_update = mx.compile(S.step_update)
+
+
 def prefill(model, prompt: mx.array, cache: List[Any], step_size: int = 512) -> None:
     """Encode `prompt` (B, L) in chunks; chunking is exact (see SlidingWindowCache)."""
     for i in range(0, prompt.shape[1], step_size):
@@ -68,7 +72,7 @@ def generate_step(
         cache: from `model.make_cache()`, possibly holding earlier turns; a new one if None.
             On return it holds the prompt and every canvas but the last.
         key: `mx.random.key` for all random draws; or pass `draws` (an object with
-            `initial_canvas(shape)`, `noise(shape)`, `sample(logprobs)`), e.g. to replay.
+            `initial_canvas(shape)`, `noise(shape)`, `sample(probs)`), e.g. to replay.
         canvas: (B, C) starting canvas of the first block instead of random ids.
         drafts: also yield every denoising step.
     """
@@ -99,24 +103,14 @@ def generate_step(
         for n in range(N, 0, -1):
             forwards = forwards + (~(done | finished)).astype(mx.int32)
             logits = model.denoise(x, cache, self_conditioning_probs=probs)
-            logits = logits / S.temperature(n, N, config.t_min, config.t_max)
-            # One log-softmax serves sampling, entropy, the stop test and self-conditioning.
-            logp = S.log_softmax(logits)
-            ent = S.entropy(logp)
-            accepted = S.entropy_bound_accept(ent, config.entropy_bound)
-            new_x = S.renoise(accepted, draws.sample(logp), draws.noise((B, C)))
-            new_argmax = mx.argmax(logits, axis=-1).astype(x.dtype)
-            new_probs = mx.exp(logp)
-            # Rows that already stopped keep their canvas, argmax and conditioning.
-            keep = done[:, None]
-            new_argmax = mx.where(keep, argmax, new_argmax)
-            x = mx.where(keep, x, new_x)
-            if probs is not None:
-                new_probs = mx.where(keep[..., None], probs, new_probs)
-            stable = S.is_stable(history, new_argmax)
-            history = history[1:] + [new_argmax] if history else history
-            done = done | (stable & S.is_confident(ent, config.confidence_threshold))
-            argmax, probs = new_argmax, new_probs
+            temp = S.temperature(n, N, config.t_min, config.t_max)
+            # One exp over the vocabulary serves sampling, entropy, stop test and conditioning.
+            p, ent, new_argmax = _step_stats(logits, temp)
+            x, argmax, probs, done, history, accepted = _step_update(
+                p, ent, new_argmax, draws.sample(p), draws.noise((B, C)), x, argmax,
+                p if probs is None else probs, done, history,
+                config.entropy_bound, config.confidence_threshold,
+            )
             steps += 1
             mx.async_eval(x, argmax, probs, done, forwards)
             if drafts:

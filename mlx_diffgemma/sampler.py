@@ -4,6 +4,7 @@ Nothing here knows the model or the tokenizer. Steps count down: `step` is the n
 denoising steps *remaining* (N at the first step of a canvas, 1 at the last).
 """
 
+import math
 from typing import Tuple
 
 import mlx.core as mx
@@ -18,13 +19,40 @@ def temperature(step, num_steps: int, t_min: float, t_max: float) -> mx.array:
     return (t_max - t_min) * frac + t_min
 
 
-def log_softmax(logits: mx.array) -> mx.array:
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+def step_stats(logits: mx.array, temp: mx.array):
+    """What a step needs from its logits (B, C, V), with a single exp over the vocabulary.
+
+    Returns (probs, entropy, argmax) of the temperature-scaled logits: probs feed the
+    sample and the next step's self-conditioning, the entropy (nats) the acceptance and
+    the stop test.
+    """
+    x = logits / temp
+    m = mx.max(x, axis=-1, keepdims=True)
+    e = mx.exp(x - m)
+    total = e.sum(axis=-1, keepdims=True)
+    probs = e / total
+    logprobs = x - (m + mx.log(total))
+    entropy = -(probs * logprobs).sum(axis=-1)
+    return probs, entropy, mx.argmax(logits, axis=-1)
 
 
-def entropy(logprobs: mx.array) -> mx.array:
-    """Per-position entropy in nats from log-probabilities (B, C, V) -> (B, C)."""
-    return -(mx.exp(logprobs) * logprobs).sum(axis=-1)
+def sample_categorical(probs: mx.array, u: mx.array, block: int = 512) -> mx.array:
+    """One categorical sample per row of `probs` (..., V) by inverting the CDF at `u` (...,).
+
+    A two-level search (block sums, then one block's prefix sums) keeps the cost at one
+    pass over the vocabulary, instead of a random number per token as Gumbel-max needs.
+    """
+    *lead, V = probs.shape
+    bs = math.gcd(V, block)
+    blocks = probs.reshape(*lead, V // bs, bs)
+    cdf = mx.cumsum(blocks.sum(axis=-1), axis=-1)
+    target = u * cdf[..., -1]
+    b = mx.minimum((cdf <= target[..., None]).sum(axis=-1), V // bs - 1)
+    before = mx.where(b > 0, mx.take_along_axis(cdf, mx.maximum(b - 1, 0)[..., None], -1)[..., 0], 0)
+    within = mx.take_along_axis(blocks, b[..., None, None], axis=-2)[..., 0, :]
+    cdf_in = before[..., None] + mx.cumsum(within, axis=-1)
+    t = mx.minimum((cdf_in <= target[..., None]).sum(axis=-1), bs - 1)
+    return b * bs + t
 
 
 def entropy_bound_accept(entropies: mx.array, entropy_bound: float) -> mx.array:
@@ -58,6 +86,28 @@ def is_confident(entropies: mx.array, confidence_threshold: float) -> mx.array:
     return mx.mean(entropies, axis=-1) < confidence_threshold
 
 
+def step_update(
+    probs, entropy, new_argmax, sampled, noise, canvas, argmax, prev_probs, done, history,
+    entropy_bound: float, confidence_threshold: float,
+):
+    """Accept, renoise and the stop test for one step; arrays are (B, C[, V]).
+
+    Rows that already stopped (`done`) keep their canvas, argmax and conditioning.
+    Returns (canvas, argmax, probs, done, history, accepted).
+    """
+    accepted = entropy_bound_accept(entropy, entropy_bound)
+    new_canvas = renoise(accepted, sampled.astype(canvas.dtype), noise.astype(canvas.dtype))
+    keep = done[:, None]
+    new_argmax = mx.where(keep, argmax, new_argmax.astype(argmax.dtype))
+    new_canvas = mx.where(keep, canvas, new_canvas)
+    if probs.shape[0] > 1:  # a single row never runs past its stop
+        probs = mx.where(keep[..., None], prev_probs, probs)
+    stable = is_stable(history, new_argmax)
+    history = history[1:] + [new_argmax] if history else history
+    done = done | (stable & is_confident(entropy, confidence_threshold))
+    return new_canvas, new_argmax, probs, done, history, accepted
+
+
 def pad_after_eos(tokens: mx.array, eos_ids: mx.array, pad_id: int) -> Tuple[mx.array, mx.array]:
     """Keep everything up to and including the first EOS of each row; pad the rest.
 
@@ -73,7 +123,8 @@ class RandomDraws:
     """The sampler's random draws, all from one explicit key.
 
     Each canvas starts from uniform random ids; each step draws one categorical sample
-    per position and a uniform canvas to renoise the rejected positions.
+    per position from the step's probabilities and a uniform canvas to renoise the
+    rejected positions. Tests replay transformers' draws through the same three methods.
     """
 
     def __init__(self, key: mx.array, vocab_size: int):
@@ -90,7 +141,11 @@ class RandomDraws:
     def noise(self, shape) -> mx.array:
         return mx.random.randint(0, self.vocab_size, shape, key=self._next())
 
-    def sample(self, logprobs: mx.array) -> mx.array:
-        return mx.random.categorical(logprobs, key=self._next())
+    def sample(self, probs: mx.array) -> mx.array:
+        u = mx.random.uniform(shape=probs.shape[:-1], key=self._next())
+        return _sample_categorical(probs, u)
+
+
+_sample_categorical = mx.compile(sample_categorical)
 
 

@@ -27,12 +27,32 @@ def test_entropy_bound_always_accepts_the_lowest():
     assert acc.tolist() == [[False, False, True], [True, False, False]]
 
 
-def test_entropy_matches_torch_categorical():
+def test_step_stats_match_torch():
     torch = pytest.importorskip("torch")
-    logits = np.random.default_rng(0).normal(size=(2, 5, 50)).astype(np.float32) * 4
-    ref = torch.distributions.Categorical(logits=torch.from_numpy(logits)).entropy().numpy()
-    ours = np.array(S.entropy(S.log_softmax(mx.array(logits))))
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    logits = np.random.default_rng(0).normal(size=(2, 5, 50)).astype(np.float32) * 20
+    proc = torch.from_numpy(logits) / 0.7
+    ref = torch.distributions.Categorical(logits=proc)
+    probs, ent, argmax = S.step_stats(mx.array(logits), mx.array(0.7))
+    np.testing.assert_allclose(np.array(ent), ref.entropy().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(probs), torch.softmax(proc, -1).numpy(), rtol=1e-6, atol=1e-7)
+    assert np.array(argmax).tolist() == proc.argmax(-1).tolist()
+
+
+def test_sample_categorical_inverts_the_cdf():
+    rng = np.random.default_rng(0)
+    p = rng.random((3, 4, 1024)) ** 8  # peaky, with many near-zero entries
+    p[..., ::7] = 0.0  # zero-probability tokens must never be drawn
+    p /= p.sum(-1, keepdims=True)
+    u = rng.random((3, 4))
+    ours = np.array(S.sample_categorical(mx.array(p, dtype=mx.float32), mx.array(u, dtype=mx.float32)))
+    ref = [[np.searchsorted(np.cumsum(p[i, j]), u[i, j], side="right") for j in range(4)] for i in range(3)]
+    assert ours.tolist() == ref
+    assert np.all(ours % 7 != 0)
+    # A vocabulary that blocks do not divide, and the frequencies of many draws.
+    q = np.array([0.5, 0.0, 0.2, 0.3, 0.0], dtype=np.float32)
+    draws = S.sample_categorical(mx.broadcast_to(mx.array(q), (20000, 5)), mx.random.uniform(shape=(20000,)))
+    freq = np.bincount(np.array(draws), minlength=5) / 20000
+    np.testing.assert_allclose(freq, q, atol=0.015)
 
 
 def test_renoise_touches_only_rejected_positions():
