@@ -1,12 +1,21 @@
 """DiffusionGemma on MLX."""
 
+import warnings
+
 from .config import DiffusionConfig
-from .generate import GenerationResponse, generate, stream_generate
+from .generate import GenerationResponse, PromptCache, generate, stream_generate
 from .loader import load, load_model
+
+# `python -m mlx_diffgemma.generate` runs the module that this package has imported
+# already; its `main()` only starts the CLI, so runpy's warning about that is noise.
+warnings.filterwarnings(
+    "ignore", message="'mlx_diffgemma.generate' found in sys.modules", category=RuntimeWarning
+)
 
 __all__ = [
     "DiffusionConfig",
     "GenerationResponse",
+    "PromptCache",
     "generate",
     "load",
     "load_model",

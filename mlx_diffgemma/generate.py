@@ -1,15 +1,30 @@
-"""Text-level generation: `stream_generate` yields responses, `generate` drains it."""
+"""Text-level generation: `stream_generate` yields responses, `generate` drains it.
+
+`stream_generate` maps the token-level events of `block_diffusion.generate_step` to text:
+one "commit" response per canvas (and one "draft" per denoising step when asked), the
+thinking block split from the answer, the output trimmed to `max_tokens`. A `PromptCache`
+carries a conversation from one call to the next.
+"""
 
 import math
 import secrets
 import time
-from dataclasses import dataclass, field
-from typing import Any, Generator, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
-from .block_diffusion import Block, DenoiseStep, generate_step
+from .block_diffusion import DenoiseStep, generate_step, prefill
 from .config import DiffusionConfig
+from .tokenizer import split_thinking
+
+Prompt = Union[str, Sequence[int], mx.array, Sequence[Dict[str, Any]]]
+
+# A model turn's answer, stood in by this text, to render only what follows it.
+_ANSWER = "ANSWER-PLACEHOLDER-5e1f"
+# Headers that `split_thinking` removes from the start of an answer. Text that is still a
+# proper prefix of one may become a header with the next canvas, so it is held back.
+_HEADERS = ("<|channel>thought\n", "<|channel>final\n", "thought\n", "final\n")
 
 
 @dataclass(frozen=True)
@@ -17,176 +32,419 @@ class GenerationResponse:
     """One streamed response.
 
     Attributes:
-        kind: "draft" (one denoising step, only when drafts are requested) or "commit"
+        kind: "draft" (one denoising step; only when drafts are requested) or "commit"
             (one committed canvas).
-        text: committed text added by this response ("" for drafts).
-        draft_text: the whole current canvas's argmax text (drafts only).
+        text: answer text committed by this response ("" for drafts).
+        thinking: thinking text committed by this response (the `<|channel>thought`
+            block, markers removed; "" for drafts and plain answers).
+        token_ids: ids committed by this response, trimmed to max_tokens, EOS excluded.
         block_index: canvas index, from 0.
         step: denoising steps run on this canvas so far.
-        token_ids: ids committed by this response (trimmed to max_tokens, EOS excluded).
-        prompt_tokens / prompt_tps: prompt length and its encode speed.
-        generation_tokens / generation_tps: tokens committed so far and their rate.
-        denoising_steps: steps per canvas so far.
-        tokens_per_forward: committed tokens per decoder forward (transformers' metric).
+        draft_text: drafts only: the argmax canvas of this step, as text.
+        draft_tokens: drafts only: the argmax canvas of this step, as ids.
+        draft_accepted: drafts only: per position, whether this step accepted its sample
+            (it survives into the next step's canvas; the others are renoised).
+        prompt_tokens: tokens encoded before denoising (for a cached conversation, only
+            the new ones).
+        prompt_tps: prompt tokens per second.
+        generation_tokens: tokens committed so far.
+        generation_tps: committed tokens per second since the prompt was encoded.
+        canvases: canvases committed so far.
+        denoising_steps: steps run on each committed canvas.
+        tokens_per_forward: non-pad canvas tokens per decoder forward, as transformers
+            counts it (whole canvases, EOS included, before max_tokens trimming).
         peak_memory: peak memory in GB.
-        seed: the seed used (drawn at random when none was given).
-        finish_reason: on the last response, "stop" (EOS) or "length".
+        seed: the seed of all random draws (drawn at random when none was given).
+        finish_reason: on the last response only: "stop" (EOS) or "length".
     """
 
     kind: str
     text: str
-    draft_text: Optional[str]
+    thinking: str
+    token_ids: Tuple[int, ...]
     block_index: int
     step: int
-    token_ids: List[int]
+    draft_text: Optional[str]
+    draft_tokens: Optional[Tuple[int, ...]]
+    draft_accepted: Optional[Tuple[bool, ...]]
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
-    denoising_steps: List[int] = field(default_factory=list)
-    tokens_per_forward: float = 0.0
-    peak_memory: float = 0.0
-    seed: Optional[int] = None
+    canvases: int
+    denoising_steps: Tuple[int, ...]
+    tokens_per_forward: float
+    peak_memory: float
+    seed: int
     finish_reason: Optional[str] = None
 
 
-def _as_ids(tokenizer, prompt) -> List[int]:
+class PromptCache:
+    """The encoder cache of a conversation, kept by an app from one call to the next.
+
+    A call encodes only what the cache does not hold yet. The last canvas of a call is
+    never encoded (`generate_step` encodes a canvas only before denoising the next one),
+    so its kept tokens wait in `pending` and go first into the next call's prompt, at
+    the positions where they were denoised. `pending` holds the answer without its EOS;
+    a chat-message prompt then closes the model turn as the chat template does
+    (`<turn|>\\n`), so the history reads as the template renders it.
+
+    Thinking: the cache keeps the thought tokens of earlier answers. Re-rendering the
+    chat template would drop them; keeping them is what the model saw, and it saves
+    re-encoding the history. So a cached conversation differs from a re-rendered one
+    by those thoughts.
+
+    If a call stops early (the consumer stops iterating), the cache keeps what the call
+    fed and committed so far.
+
+    Attributes:
+        layers: the per-layer K/V caches (`model.make_cache()`).
+        tokens: the ids whose K/V `layers` hold, in order.
+        pending: ids the next call encodes before its prompt.
+        enable_thinking: the thinking mode of the chat template, once a chat-message
+            prompt started the conversation; None before.
+    """
+
+    def __init__(self, model):
+        self.layers = model.make_cache()
+        self.tokens: List[int] = []
+        self.pending: List[int] = []
+        self.enable_thinking: Optional[bool] = None
+        self._broken = False
+
+    @property
+    def offset(self) -> int:
+        """Tokens encoded so far: the position of the next one."""
+        return len(self.tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens) + len(self.pending)
+
+    def _check(self):
+        if self._broken:
+            raise ValueError(
+                "This PromptCache was interrupted while it was being written; start a new one."
+            )
+
+    def _update(self, conversation: List[int]):
+        # The layers know how much was encoded; a call interrupted inside an encode leaves
+        # layers at different offsets, and such a cache cannot be continued.
+        offsets = {getattr(c, "offset", None) for c in self.layers}
+        if len(offsets) > 1:
+            self._broken = True
+            return
+        n = offsets.pop() if offsets else len(self.tokens)
+        self.tokens, self.pending = conversation[:n], conversation[n:]
+
+
+def resolve_config(
+    model, config: Optional[DiffusionConfig] = None, max_tokens: Optional[int] = None, **settings
+) -> DiffusionConfig:
+    """The sampler settings of a call (precedence in `config.py`).
+
+    Args:
+        model: a loaded model; its `generation_config` is the base unless `config` is given.
+        config: explicit base settings.
+        max_tokens: overrides `max_new_tokens`.
+        settings: overrides of other `DiffusionConfig` fields; None keeps the base value.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ValueError: a setting is invalid (the message names it).
+    """
+    base = config or getattr(model, "generation_config", None) or DiffusionConfig()
+    return base.replace(max_new_tokens=max_tokens, **settings)
+
+
+def ineffective_settings(config: DiffusionConfig) -> Dict[str, str]:
+    """Settings that cannot change the output under `config`, with the reason.
+
+    Args:
+        config: resolved settings.
+
+    Returns:
+        A dict from `DiffusionConfig` field name to a one-line reason.
+    """
+    out = {}
+    n = config.max_denoising_steps
+    if n == 1:
+        out["t_min"] = "with 1 denoising step the only step runs at t_max"
+    if config.stability_threshold + 1 >= n:
+        # The argmax must repeat stability_threshold + 1 times, so no step is ever saved.
+        why = (
+            f"a canvas can stop early only after stability_threshold + 1 = "
+            f"{config.stability_threshold + 1} steps, and at most {n} run"
+        )
+        out["stability_threshold"] = out["confidence_threshold"] = why
+    return out
+
+
+def _is_messages(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def _continue_chat(tokenizer, messages) -> List[int]:
+    # Render the new messages after a stand-in model turn and keep what follows its
+    # answer: the turn close plus the new turns, exactly as the template writes them.
+    if any(m.get("role") in ("system", "developer") for m in messages):
+        raise ValueError(
+            "A system message can only start a conversation, and this prompt cache "
+            "already holds one; start a new PromptCache to change the system prompt."
+        )
+    history = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _ANSWER}]
+    text = tokenizer.apply_chat_template(
+        history + list(messages), add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer.encode(text[text.index(_ANSWER) + len(_ANSWER) :])
+
+
+def _prompt_ids(tokenizer, prompt: Prompt, cache: PromptCache, enable_thinking) -> List[int]:
+    """Ids of `prompt` to encode after what `cache` holds."""
+    started = len(cache) > 0
+    if _is_messages(prompt):
+        if not started:
+            cache.enable_thinking = bool(enable_thinking)
+            return tokenizer.apply_chat_template(
+                list(prompt), add_generation_prompt=True, enable_thinking=cache.enable_thinking
+            )
+        if enable_thinking is not None and enable_thinking != cache.enable_thinking:
+            raise ValueError(
+                f"enable_thinking={enable_thinking} has no effect after the first turn "
+                "(the switch is in the system turn); start a new PromptCache to change it."
+            )
+        return _continue_chat(tokenizer, prompt)
+    if enable_thinking is not None:
+        raise ValueError(
+            "enable_thinking applies to chat-message prompts only; pass a list of messages, "
+            "or render the template with tokenizer.apply_chat_template."
+        )
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("The prompt is empty; give some text.")
         ids = tokenizer.encode(prompt)
         bos = tokenizer.bos_token_id
-        return ids if ids[:1] == [bos] else [bos] + ids
-    if isinstance(prompt, mx.array):
-        return prompt.reshape(-1).tolist()
-    return list(prompt)
+        return ids if started or ids[:1] == [bos] else [bos] + ids
+    ids = prompt.reshape(-1).tolist() if isinstance(prompt, mx.array) else [int(i) for i in prompt]
+    if not ids:
+        raise ValueError("The prompt is empty; give at least one token.")
+    return ids
+
+
+def _check_context(model, cache: PromptCache, new: int, config: DiffusionConfig):
+    limit = model.args.max_position_embeddings
+    C = model.args.canvas_length
+    canvases = math.ceil(config.max_new_tokens / C)
+    held = cache.offset + new
+    if held > limit:
+        raise ValueError(
+            f"The prompt is {held} tokens long (with {cache.offset} already in the cache), "
+            f"more than the model's context of {limit} tokens (max_position_embeddings)."
+        )
+    if held + canvases * C > limit:
+        raise ValueError(
+            f"The prompt ({held} tokens) plus {canvases} canvases of {C} tokens for "
+            f"max_tokens={config.max_new_tokens} need {held + canvases * C} positions, more "
+            f"than the model's context of {limit} (max_position_embeddings); lower max_tokens."
+        )
+
+
+class _ThinkingSplit:
+    """Splits committed text, block by block, into thinking and answer deltas."""
+
+    def __init__(self):
+        self.raw = ""
+        self.sent = [0, 0]  # characters of thinking and answer already emitted
+
+    def add(self, delta: str, final: bool) -> Tuple[str, str]:
+        self.raw += delta
+        thinking, answer = split_thinking(self.raw)
+        start = self.raw if thinking is None else self.raw.partition("<channel|>")[2]
+        if not final and any(h != start and h.startswith(start) for h in _HEADERS):
+            answer = ""  # nothing was emitted yet: the answer start is still undecided
+        thinking = thinking or ""
+        out = thinking[self.sent[0] :], answer[self.sent[1] :]
+        self.sent = [len(thinking), max(len(answer), self.sent[1])]
+        return out
 
 
 def stream_generate(
     model,
     tokenizer,
-    prompt: Union[str, Sequence[int], mx.array],
+    prompt: Prompt,
     *,
     max_tokens: Optional[int] = None,
     config: Optional[DiffusionConfig] = None,
     seed: Optional[int] = None,
     drafts: bool = False,
-    cache: Optional[List[Any]] = None,
-    canvas: Optional[Sequence[int]] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    enable_thinking: Optional[bool] = None,
     **settings,
 ) -> Generator[GenerationResponse, None, None]:
-    """Stream a generation: a "commit" response per canvas (and a "draft" per step if asked).
+    """Stream a generation: a "commit" response per canvas, and a "draft" per step if asked.
+
+    Whole canvases are always computed; the output is trimmed to `max_tokens`, which
+    therefore never changes what the model computes. The last response alone carries
+    `finish_reason`. Stopping the iteration stops the work: no further forward runs.
 
     Args:
-        prompt: text (encoded as is, with BOS) or token ids; apply a chat template first
-            for chat models (`tokenizer.apply_chat_template`).
-        max_tokens: output is trimmed to this many tokens (whole canvases are computed).
+        model: a loaded model.
+        tokenizer: its tokenizer.
+        prompt: chat messages (dicts with `role` and `content`, rendered with the
+            checkpoint's chat template), text (encoded as is, BOS added) or token ids.
+            With a `prompt_cache` that holds a conversation, give only the new messages.
+        max_tokens: output tokens at most; defaults to the checkpoint's `max_new_tokens`.
         config: sampler settings; defaults to the checkpoint's (`model.generation_config`).
-        seed: seed for all random draws; a random one is drawn (and reported) if None.
-        drafts: yield the argmax canvas after every denoising step.
-        cache: a cache holding earlier tokens; `prompt` then holds only the new ones.
-        canvas: starting canvas ids of the first block.
-        settings: overrides of `DiffusionConfig` fields (e.g. max_denoising_steps=16).
+        seed: seed of all random draws; drawn at random (and reported) if None.
+        drafts: also yield the argmax canvas after every denoising step.
+        prompt_cache: a `PromptCache` to continue and update; a fresh one if None.
+        enable_thinking: chat messages only: ask for a thinking block (first turn).
+        settings: overrides of `DiffusionConfig` fields, e.g. `max_denoising_steps=16`.
+
+    Yields:
+        `GenerationResponse`s.
+
+    Raises:
+        ValueError: empty prompt, invalid setting, or prompt and canvases longer than the
+            model's context.
     """
-    config = config or getattr(model, "generation_config", None) or DiffusionConfig()
-    config = config.replace(max_new_tokens=max_tokens, **settings)
+    config = resolve_config(model, config, max_tokens, **settings)
+    cache = prompt_cache if prompt_cache is not None else PromptCache(model)
+    cache._check()
+    new = cache.pending + _prompt_ids(tokenizer, prompt, cache, enable_thinking)
+    _check_context(model, cache, len(new), config)
     seed = secrets.randbits(31) if seed is None else seed
-    ids = _as_ids(tokenizer, prompt)
-    if not ids:
-        raise ValueError("The prompt is empty; give at least one token.")
-    prompt_arr = mx.array([ids], dtype=mx.int32)
-    canvas_arr = None if canvas is None else mx.array([list(canvas)], dtype=mx.int32)
+    C = model.args.canvas_length
+    n_canvases = math.ceil(config.max_new_tokens / C)
     eos = set(config.eos_token_id or ())
+    pad = config.pad_token_id
+    conversation = cache.tokens + new  # plus the committed tokens, as they come
 
-    mx.reset_peak_memory()
-    tic = time.perf_counter()
-    prompt_tps, gen_start = 0.0, None
-    n_out, steps, committed = 0, [], False
     detok = tokenizer.detokenizer()
+    split = _ThinkingSplit()
+    n_out, non_pad, forwards, steps = 0, 0, 0, []
 
-    def response(kind, text="", draft_text=None, block=0, step=0, token_ids=(), finish=None, fwd=0):
+    def response(kind, block, step, text="", thinking="", ids=(), draft=None, finish=None):
         elapsed = time.perf_counter() - gen_start
+        tokens, accepted = draft or (None, None)
         return GenerationResponse(
             kind=kind,
             text=text,
-            draft_text=draft_text,
+            thinking=thinking,
+            token_ids=tuple(ids),
             block_index=block,
             step=step,
-            token_ids=list(token_ids),
-            prompt_tokens=len(ids),
+            draft_text=None if draft is None else tokenizer.decode(tokens),
+            draft_tokens=tokens,
+            draft_accepted=accepted,
+            prompt_tokens=len(new),
             prompt_tps=prompt_tps,
             generation_tokens=n_out,
             generation_tps=n_out / elapsed if elapsed > 0 else 0.0,
-            denoising_steps=list(steps),
-            tokens_per_forward=n_out / fwd if fwd else 0.0,
+            canvases=len(steps),
+            denoising_steps=tuple(steps),
+            tokens_per_forward=non_pad / forwards if forwards else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             seed=seed,
             finish_reason=finish,
         )
 
-    events = generate_step(
-        prompt_arr,
-        model,
-        config=config,
-        cache=cache,
-        key=mx.random.key(seed),
-        canvas=canvas_arr,
-        drafts=drafts,
-    )
-    for ev in events:
-        if gen_start is None:
-            # generate_step prefills before its first event.
-            gen_start = time.perf_counter()
-            prompt_tps = len(ids) / (gen_start - tic)
-        if isinstance(ev, DenoiseStep):
-            yield response(
-                "draft",
-                draft_text=tokenizer.decode(ev.argmax[0].tolist()),
-                block=ev.block,
-                step=ev.step,
-            )
-            continue
-        steps.append(ev.steps)
-        block = ev.tokens[0].tolist()
-        stop = next((i for i, t in enumerate(block) if t in eos), None)
-        keep = block[: stop if stop is not None else len(block)]
-        keep = keep[: config.max_new_tokens - n_out]
-        n_out += len(keep)
-        text = detok.add_tokens(keep)
-        ended = stop is not None or n_out >= config.max_new_tokens
-        last_block = ended or ev.block + 1 >= math.ceil(config.max_new_tokens / model.args.canvas_length)
-        finish = None
-        if last_block:
-            text += detok.finalize()
-            finish = "stop" if stop is not None else "length"
-        yield response(
-            "commit",
-            text=text,
-            block=ev.block,
-            step=ev.steps,
-            token_ids=keep,
-            finish=finish,
-            fwd=ev.decoder_forwards[0].item(),
+    mx.reset_peak_memory()
+    events = None
+    try:
+        tic = time.perf_counter()
+        prefill(model, mx.array([new], dtype=mx.int32), cache.layers)
+        gen_start = time.perf_counter()
+        prompt_tps = len(new) / (gen_start - tic)
+        events = generate_step(
+            mx.zeros((1, 0), dtype=mx.int32),  # the prompt is in the cache already
+            model,
+            config=config,
+            cache=cache.layers,
+            key=mx.random.key(seed),
+            drafts=drafts,
         )
-        if last_block:
+        for ev in events:
+            if isinstance(ev, DenoiseStep):
+                draft = (tuple(ev.argmax[0].tolist()), tuple(ev.accepted[0].tolist()))
+                yield response("draft", ev.block, ev.step, draft=draft)
+                continue
+            block = ev.tokens[0].tolist()
+            steps.append(ev.steps)
+            non_pad += sum(t != pad for t in block)
+            forwards = ev.decoder_forwards[0].item()
+            stop = next((i for i, t in enumerate(block) if t in eos), None)
+            budget = config.max_new_tokens - n_out
+            keep = block[: budget if stop is None else min(stop, budget)]
+            finish = None
+            if stop is not None and stop <= budget:
+                finish = "stop"
+            elif stop is not None or ev.block + 1 >= n_canvases:
+                finish = "length"
+            n_out += len(keep)
+            conversation += keep
+            text = detok.add_tokens(keep) + (detok.finalize() if finish else "")
+            thinking, answer = split.add(text, final=finish is not None)
+            yield response("commit", ev.block, ev.steps, answer, thinking, keep, finish=finish)
+            if finish:
+                return
+    finally:
+        if events is not None:
             events.close()
-            return
+        cache._update(conversation)
 
 
-def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
-    """Generate and return the text; `kwargs` as for `stream_generate`."""
+def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwargs) -> str:
+    """Generate and return the answer text (thinking excluded).
+
+    Args:
+        model: a loaded model.
+        tokenizer: its tokenizer.
+        prompt: as for `stream_generate`.
+        verbose: print the text as it is committed, then the statistics.
+        kwargs: as for `stream_generate`.
+
+    Returns:
+        The answer: the concatenated `text` of the commit responses.
+    """
     text, last = [], None
-    for r in stream_generate(model, tokenizer, prompt, **kwargs):
-        if r.kind == "commit":
-            text.append(r.text)
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        if last.kind == "commit":
+            text.append(last.text)
             if verbose:
-                print(r.text, end="", flush=True)
-        last = r
+                print(last.text, end="", flush=True)
     if verbose and last is not None:
         print()
-        print(
-            f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec\n"
-            f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec\n"
-            f"Denoising steps per canvas: {last.denoising_steps}, "
-            f"tokens per forward: {last.tokens_per_forward:.2f}\n"
-            f"Peak memory: {last.peak_memory:.3f} GB"
-        )
+        print(format_stats(last))
     return "".join(text)
+
+
+def format_stats(response: GenerationResponse) -> str:
+    """The statistics of a (final) response, one per line."""
+    r = response
+    steps = r.denoising_steps
+    mean = sum(steps) / len(steps) if steps else 0.0
+    return "\n".join(
+        [
+            "=" * 10,
+            f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec",
+            f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
+            f"Canvases: {r.canvases}, denoising steps per canvas: "
+            f"{' '.join(map(str, steps))} (mean {mean:.1f})",
+            f"Tokens per forward: {r.tokens_per_forward:.2f}",
+            f"Peak memory: {r.peak_memory:.3f} GB",
+            f"Seed: {r.seed}, finish: {r.finish_reason}",
+        ]
+    )
+
+
+def main(args: Optional[List[str]] = None) -> None:
+    """Command-line entry point (`python -m mlx_diffgemma.generate`); see `cli.py`."""
+    from .cli import generate_command
+
+    generate_command.main(args=args, prog_name="python -m mlx_diffgemma.generate")
+
+
+if __name__ == "__main__":
+    main()
