@@ -129,6 +129,26 @@ def embed_transpose_matmul(embed: nn.Module, x: mx.array) -> mx.array:
     return x @ embed.weight
 
 
+def attend_canvas(q, k, v, past):
+    """Bidirectional attention of the canvas over [cached K/V + canvas K/V], no mask.
+
+    RoPE is already in the keys, so order does not matter: one softmax over the two
+    score blocks reads the cache in place instead of concatenating it every step.
+    q: (B, H, C, D); k, v: (B, Hkv, C, D); past: None or cached (keys, values).
+    """
+    if past is None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0)
+    B, H, C, D = q.shape
+    n_kv = k.shape[1]
+    q = q.reshape(B, n_kv, H // n_kv * C, D)  # GQA: query heads grouped by KV head
+    scores = [(q @ kk.swapaxes(-1, -2)).astype(mx.float32) for kk in (past[0], k)]
+    m = mx.maximum(*[s.max(axis=-1, keepdims=True) for s in scores])
+    e = [mx.exp(s - m) for s in scores]
+    total = e[0].sum(axis=-1, keepdims=True) + e[1].sum(axis=-1, keepdims=True)
+    o = e[0].astype(v.dtype) @ past[1] + e[1].astype(v.dtype) @ v
+    return (o / total).astype(q.dtype).reshape(B, H, C, D)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, i: int):
         super().__init__()
@@ -181,14 +201,9 @@ class Attention(nn.Module):
                 mask = create_causal_mask(L, past, window_size=self.window)
             else:
                 mask = "causal" if L > 1 else None
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         else:
-            # Bidirectional over [cache + canvas]; RoPE is baked into the keys, so no mask.
-            past = cached_kv(cache)
-            if past is not None:
-                k = mx.concatenate([past[0], k], axis=2)
-                v = mx.concatenate([past[1], v], axis=2)
-            mask = None
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+            o = attend_canvas(q, k, v, cached_kv(cache))
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -267,18 +282,24 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm_2 = nn.RMSNorm(dim, eps=eps)
         self.post_feedforward_layernorm_2 = nn.RMSNorm(dim, eps=eps)
         self.layer_scalar = mx.ones((1,))
+        # The canvas always has the same shape, so the decoder's feed-forward compiles
+        # once; `inputs=self` reads the current weights at every call.
+        self._compiled_feed_forward = mx.compile(self.feed_forward, inputs=self)
 
-    def __call__(self, x, cache, encode: bool, layer_scalar: mx.array):
-        h = self.self_attn(self.input_layernorm(x), cache, encode)
-        r = x + self.post_attention_layernorm(h)
-
+    def feed_forward(self, r):
         # Dense MLP and MoE run in parallel on r; the router reads the un-normed r.
         h1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
         flat = r.reshape(-1, r.shape[-1])
         inds, weights = self.router(flat)
         h2 = self.experts(self.pre_feedforward_layernorm_2(flat), inds, weights)
         h2 = self.post_feedforward_layernorm_2(h2.reshape(r.shape))
-        return (r + self.post_feedforward_layernorm(h1 + h2)) * layer_scalar
+        return r + self.post_feedforward_layernorm(h1 + h2)
+
+    def __call__(self, x, cache, encode: bool, layer_scalar: mx.array):
+        h = self.self_attn(self.input_layernorm(x), cache, encode)
+        r = x + self.post_attention_layernorm(h)
+        ffn = self.feed_forward if encode else self._compiled_feed_forward
+        return ffn(r) * layer_scalar
 
 
 class SelfConditioning(nn.Module):
