@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -723,11 +724,14 @@ def convert_command(q_bits, q_group_size, **kwargs):
 
 def main(args: Optional[List[str]] = None) -> None:
     """Command-line entry point (`python -m mlx_diffgemma.convert`)."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # Only the main thread may set signal handlers.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         convert_command.main(args=args, prog_name="mlx_diffgemma.convert")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
