@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import click
 import mlx.core as mx
@@ -203,7 +203,7 @@ def quantization_plan(
     """
     predicate = model.quant_predicate if recipe == "mixed" else (lambda p, m: True)
     block = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    plan = {}
+    plan, skipped = {}, []
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized"):
             continue
@@ -214,10 +214,18 @@ def quantization_plan(
         if isinstance(choice, dict):
             params.update(choice)
         if module.weight.shape[-1] % params["group_size"] != 0:
+            skipped.append((path, module.weight.shape[-1], params["group_size"]))
             continue  # as mlx-lm: such layers stay unquantized
         plan[path] = {"group_size": params["group_size"], "bits": params["bits"]}
         if isinstance(choice, dict):
             block[path] = dict(choice)
+    if skipped:
+        path, dim, g = skipped[-1]
+        print(
+            f"[WARNING] {len(skipped)} matrices stay unquantized: their input size is not a "
+            f"multiple of the group size (e.g. {path}: {dim} % {g}); a smaller "
+            "--q-group-size avoids this."
+        )
     return plan, block
 
 
@@ -555,6 +563,16 @@ def verify_output(folder: Path, plan: Plan) -> None:
         )
 
 
+def check_disk_space(dst: Path, need: int) -> None:
+    existing = next(p for p in (dst, *dst.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ValueError(
+            f"Not enough disk space in {existing}: the output needs {need / 1e9:.2f} GB and "
+            f"{free / 1e9:.2f} GB is free; free some space or choose another --mlx-path."
+        )
+
+
 def _install(tmp: Path, dst: Path) -> None:
     """Move `tmp` to `dst`, replacing what is there only once `tmp` is in place."""
     old = None
@@ -655,19 +673,11 @@ def convert(
         f"text only); {summary} in {len(plan.shards)} shard(s)"
     )
 
-    parent = dst.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
-    need = plan.total_bytes + (64 << 20)  # plus headers, tokenizer and some slack
-    if free < need:
-        raise ValueError(
-            f"Not enough disk space in {parent}: the output needs {need / 1e9:.2f} GB and "
-            f"{free / 1e9:.2f} GB is free; free some space or choose another --mlx-path."
-        )
-
-    tmp = parent / f".{dst.name}.incomplete-{os.getpid()}"
+    check_disk_space(dst, plan.total_bytes + (64 << 20))  # plus tokenizer and slack
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.incomplete-{os.getpid()}"
+    tmp.mkdir()
     try:
-        tmp.mkdir()
         write_weights(plan, tmp)
         copy_side_files(src, tmp)
         save_config(output_config(config, plan.quantization, dtype), tmp / "config.json")

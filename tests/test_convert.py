@@ -10,7 +10,6 @@ error bound would measure the model, not the converter.
 """
 
 import json
-import os
 import shutil
 from pathlib import Path
 
