@@ -10,6 +10,7 @@ error bound would measure the model, not the converter.
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -318,3 +319,23 @@ def test_loads_mlx_community_layout(hf_release, reference, tmp_path):
     # Converting it again is refused with a pointer to loading it directly.
     with pytest.raises(ValueError, match="already quantized"):
         convert(out, tmp_path / "again")
+
+
+def test_upload_repo(hf_release, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create", repo_id, exist_ok))
+
+        def upload_large_folder(self, folder_path, repo_id, repo_type):
+            calls.append(("upload", sorted(os.listdir(folder_path)), repo_id, repo_type))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = convert(hf_release, tmp_path / "up", upload_repo="me/dg-tiny")
+    assert calls[0] == ("create", "me/dg-tiny", True)
+    assert calls[1][0] == "upload" and "config.json" in calls[1][1]
+    assert calls[1][2:] == ("me/dg-tiny", "model")
+    assert 'load("me/dg-tiny")' in (out / "README.md").read_text()
