@@ -8,6 +8,7 @@
 """
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Generator, List, Optional, Union
 
@@ -37,6 +38,9 @@ class Block:
     steps: int  # denoising steps run on this canvas
     finished: mx.array  # (B,) bool, rows that have emitted EOS
     decoder_forwards: mx.array  # (B,) int, counted as transformers' tokens_per_forward does
+    encode_seconds: float  # re-encoding the previous canvas into the cache
+    denoise_seconds: float  # this canvas's denoising steps
+    host_syncs: int  # device->host waits so far (one per step, one per canvas)
 
 
 _step_stats = mx.compile(S.step_stats)
@@ -90,19 +94,25 @@ def generate_step(
     prefill(model, prompt, cache, prefill_step_size)
     finished = mx.zeros((B,), dtype=mx.bool_)
     forwards = mx.zeros((B,), dtype=mx.int32)
+    syncs = 0
     last = None
     for block in range(math.ceil(config.max_new_tokens / C)):
+        tic = time.perf_counter()
         if last is not None:
             # Re-encode the appended canvas at the positions the decoder used.
             model.encode(last, cache)
+            mx.eval([c.state for c in cache])
+            syncs += 1
+        encode_s = time.perf_counter() - tic
+        tic = time.perf_counter()
         x = canvas if block == 0 and canvas is not None else draws.initial_canvas((B, C))
         argmax, probs = x, None
         history = [mx.full((B, C), -1, dtype=x.dtype)] * config.stability_threshold
         done = mx.zeros((B,), dtype=mx.bool_)
+        logits = model.denoise(x, cache)
         steps = 0
         for n in range(N, 0, -1):
             forwards = forwards + (~(done | finished)).astype(mx.int32)
-            logits = model.denoise(x, cache, self_conditioning_probs=probs)
             temp = S.temperature(n, N, config.t_min, config.t_max)
             # One exp over the vocabulary serves sampling, entropy, stop test and conditioning.
             p, ent, new_argmax = _step_stats(logits, temp)
@@ -113,8 +123,13 @@ def generate_step(
             )
             steps += 1
             mx.async_eval(x, argmax, probs, done, forwards)
+            # Build the next step's forward while this one runs; it is only evaluated
+            # (and its random draws made) if the stop test below says to go on.
+            if n > 1:
+                logits = model.denoise(x, cache, self_conditioning_probs=probs)
             if drafts:
                 yield DenoiseStep(block, steps, argmax, accepted, x)
+            syncs += 1
             if mx.all(done).item():  # the one host sync per step
                 break
         tokens, has_eos = S.pad_after_eos(argmax, eos, config.pad_token_id)
@@ -122,6 +137,9 @@ def generate_step(
         tokens = mx.where(finished[:, None], config.pad_token_id, tokens)
         finished = finished | has_eos
         last = tokens
-        yield Block(block, tokens, steps, finished, forwards)
-        if mx.all(finished).item():
+        syncs += 1
+        all_finished = mx.all(finished).item()
+        denoise_s = time.perf_counter() - tic
+        yield Block(block, tokens, steps, finished, forwards, encode_s, denoise_s, syncs)
+        if all_finished:
             break
