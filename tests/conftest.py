@@ -7,7 +7,6 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
-
 from tokenizer_fixture import gemma4_spm_path
 
 from mlx_diffgemma.model import Model, ModelArgs

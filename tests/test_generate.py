@@ -115,7 +115,9 @@ def test_drafts_only_when_requested(tok):
     responses = list(stream_generate(model, tok, user(SKY), seed=0, drafts=True))
     kinds = [r.kind for r in responses]
     assert kinds[:3] == ["draft", "draft", "commit"]
-    assert kinds.count("commit") == len(commits(responses)) and kinds.count("draft") == 2 * kinds.count("commit")
+    assert kinds.count("commit") == len(commits(responses)) and kinds.count(
+        "draft"
+    ) == 2 * kinds.count("commit")
     first = responses[0]
     assert first.draft_tokens == tuple(tok.encode(ANSWER)[:4])
     assert first.draft_text == tok.decode(first.draft_tokens)
@@ -141,7 +143,9 @@ def test_max_tokens_trims_the_output_not_the_computation(tok):
     assert out6[-1].finish_reason == "length" and out6[-1].generation_tokens == 6
 
 
-@pytest.mark.parametrize("max_tokens, finish, kept", [(4, "length", 4), (5, "stop", 5), (8, "stop", 5)])
+@pytest.mark.parametrize(
+    "max_tokens, finish, kept", [(4, "length", 4), (5, "stop", 5), (8, "stop", 5)]
+)
 def test_eos_past_max_tokens_is_length(tok, max_tokens, finish, kept):
     model = ScriptedModel(tok.encode(ANSWER)[:5] + [TURN_END], canvas_length=8)
     out = list(stream_generate(model, tok, user(SKY), seed=0, max_tokens=max_tokens))
@@ -199,7 +203,9 @@ def test_prompt_cache_encodes_only_the_new_tokens(tok):
     model = ScriptedModel(answer + [TURN_END] + tok.encode("Yes.") + [TURN_END])
     cache = PromptCache(model)
     first = tok.apply_chat_template(user(SKY))
-    assert generate(model, tok, user(SKY), seed=0, prompt_cache=cache) == "Blue light scatters most."
+    assert (
+        generate(model, tok, user(SKY), seed=0, prompt_cache=cache) == "Blue light scatters most."
+    )
     # Every canvas but the last is encoded; the last one's answer waits, EOS dropped.
     n_full = len(answer) // 4 * 4
     assert cache.tokens == first + answer[:n_full] and cache.pending == answer[n_full:]
@@ -267,7 +273,11 @@ def test_a_cached_conversation_rejects_a_new_system_prompt_or_thinking_mode(tok)
     cache = PromptCache(model)
     generate(model, tok, user(SKY), seed=0, prompt_cache=cache)
     with pytest.raises(ValueError, match="system message can only start a conversation"):
-        next(stream_generate(model, tok, [{"role": "system", "content": "Be brief."}], prompt_cache=cache))
+        next(
+            stream_generate(
+                model, tok, [{"role": "system", "content": "Be brief."}], prompt_cache=cache
+            )
+        )
     with pytest.raises(ValueError, match="no effect after the first turn"):
         next(stream_generate(model, tok, user("More?"), prompt_cache=cache, enable_thinking=True))
 
@@ -276,7 +286,9 @@ def test_ineffective_settings():
     assert ineffective_settings(DiffusionConfig()) == {}
     one = ineffective_settings(DiffusionConfig(max_denoising_steps=1))
     assert set(one) == {"t_min", "stability_threshold", "confidence_threshold"}
-    assert set(ineffective_settings(DiffusionConfig(max_denoising_steps=4, stability_threshold=3))) == {
+    assert set(
+        ineffective_settings(DiffusionConfig(max_denoising_steps=4, stability_threshold=3))
+    ) == {
         "stability_threshold",
         "confidence_threshold",
     }

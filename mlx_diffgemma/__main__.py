@@ -1,0 +1,5 @@
+"""`python -m mlx_diffgemma generate|convert ...`"""
+
+from .cli import main
+
+main()

@@ -1,0 +1,77 @@
+"""The examples run on a tiny converted checkpoint and use only the public API."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx_diffgemma
+from mlx_diffgemma.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples").glob("*.py"))
+
+
+def test_examples_import_only_the_public_api():
+    assert {p.name for p in EXAMPLES} >= {
+        "minimal.py",
+        "stream_drafts.py",
+        "chat.py",
+        "embed_in_app.py",
+    }
+    for path in EXAMPLES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module.startswith("mlx_diffgemma"):
+                assert node.module == "mlx_diffgemma", path.name
+                assert {a.name for a in node.names} <= set(mlx_diffgemma.__all__), path.name
+            elif isinstance(node, ast.Import):
+                assert all(a.name in sys.stdlib_module_names for a in node.names), path.name
+
+
+def test_examples_run(tiny_checkpoint):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    inputs = {"chat.py": "Hi\n\nAgain\n"}
+    runs = {p.name: [p] for p in EXAMPLES}
+    runs["cancelled"] = [REPO / "examples" / "embed_in_app.py", "0"]  # cancel at once
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(script), str(tiny_checkpoint), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name, (script, *args) in runs.items()
+    }
+    out = {name: p.communicate(inputs.get(name, ""), timeout=300) for name, p in procs.items()}
+    for name, p in procs.items():
+        assert p.returncode == 0, (name, out[name][1])
+
+    assert out["minimal.py"][0].strip()
+    drafts = out["stream_drafts.py"][0].splitlines()
+    assert drafts[0].startswith("canvas 0 step  1 ") and "canvas 0 step  2 " in drafts[1]
+    assert drafts[2].startswith("canvas 0 committed after 2 steps: ")
+    assert drafts[-1].startswith("finish: length, ")
+    # Turn 2 encodes turn 1's 8 answer tokens plus the turn close and the new turn.
+    tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
+    new = tokenizer.encode("<turn|>\n<|turn>user\nAgain<turn|>\n<|turn>model\n")
+    turns = re.findall(r"\[encoded (\d+) new tokens; the cache holds (\d+)\]", out["chat.py"][0])
+    first = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert turns == [
+        (str(len(first)), str(len(first))),
+        (str(8 + len(new)), str(len(first) + 8 + len(new))),
+    ]
+    answer, progress = out["embed_in_app.py"]
+    assert answer.rstrip().endswith("[length]")
+    assert progress.splitlines() == [
+        "draft  canvas 0 step 1",
+        "draft  canvas 0 step 2",
+        "commit canvas 0 step 2",
+    ]
+    assert out["cancelled"] == ("\n[cancelled]\n", "")
