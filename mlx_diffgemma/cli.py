@@ -335,7 +335,8 @@ def generate_command(
     except KeyboardInterrupt:
         if out is not None and out.live:
             click.echo(RESET + SHOW_CURSOR, nl=False)
-        click.echo("\nInterrupted.", err=True)
+        # On a terminal, start a line of its own after the echoed ^C.
+        click.echo(("\n" if sys.stderr.isatty() else "") + "Interrupted.", err=True)
         click.get_current_context().exit(130)
 
 

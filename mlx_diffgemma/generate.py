@@ -129,11 +129,11 @@ class PromptCache:
     def _update(self, conversation: List[int]):
         # The layers know how much was encoded; a call interrupted inside an encode leaves
         # layers at different offsets, and such a cache cannot be continued.
-        offsets = {getattr(c, "offset", None) for c in self.layers}
+        offsets = {c.offset for c in self.layers}
         if len(offsets) > 1:
             self._broken = True
             return
-        n = offsets.pop() if offsets else len(self.tokens)
+        n = offsets.pop()
         self.tokens, self.pending = conversation[:n], conversation[n:]
 
 

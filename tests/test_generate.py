@@ -198,6 +198,24 @@ def test_stopping_iteration_stops_the_work(tok):
     assert cache.layers[0].offset == cache.offset == len(prompt)
 
 
+def test_a_cache_interrupted_inside_an_encode_is_refused(tok):
+    model = answer_model(tok, eos=False)
+    encode = model.encode
+
+    def interrupted(ids, cache):
+        if len(model.encoded) == 1:  # the first canvas, after the prompt
+            cache[0].offset += ids.shape[1]
+            raise KeyboardInterrupt
+        encode(ids, cache)
+
+    model.encode = interrupted
+    cache = PromptCache(model)
+    with pytest.raises(KeyboardInterrupt):
+        list(stream_generate(model, tok, user(SKY), seed=0, prompt_cache=cache))
+    with pytest.raises(ValueError, match="interrupted while it was being written"):
+        next(stream_generate(model, tok, user("Again?"), prompt_cache=cache))
+
+
 def test_prompt_cache_encodes_only_the_new_tokens(tok):
     answer = tok.encode("Blue light scatters most.")
     model = ScriptedModel(answer + [TURN_END] + tok.encode("Yes.") + [TURN_END])
