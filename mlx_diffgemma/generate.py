@@ -265,7 +265,7 @@ class _ThinkingSplit:
             answer = ""  # nothing was emitted yet: the answer start is still undecided
         thinking = thinking or ""
         out = thinking[self.sent[0] :], answer[self.sent[1] :]
-        self.sent = [len(thinking), max(len(answer), self.sent[1])]
+        self.sent = [len(thinking), len(answer)]
         return out
 
 
