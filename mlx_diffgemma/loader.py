@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
+import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 
 from .config import DiffusionConfig
@@ -57,6 +59,9 @@ def load_model(path_or_repo: Union[str, Path], lazy: bool = False) -> Model:
     model, _ = _mlx_lm_load_model(
         path, lazy=lazy, get_model_classes=lambda config: (Model, ModelArgs)
     )
+    # Non-parameter arrays (RoPE frequencies) are lazy too; evaluating them here lets
+    # the model run from any thread (a lazy array belongs to its creating thread's stream).
+    mx.eval([v for k, v in tree_flatten(model) if k.rsplit(".", 1)[-1].startswith("_")])
     model.generation_config = DiffusionConfig.from_pretrained(path)
     return model
 
