@@ -1,9 +1,9 @@
-"""Peer runners for side-by-side DiffusionGemma benchmarks: mlx-vlm and transformers.
+"""Runners for side-by-side DiffusionGemma benchmarks: this project, mlx-vlm and transformers.
 
-This file does not import ``mlx_diffgemma``. Each runner imports its peer lazily, so the file
-imports without either peer installed. A missing peer raises a one-line ``ImportError`` that names
-the pip command.
+Each runner imports its runtime lazily, so the file imports without any of them installed. A
+missing runtime raises a one-line ``ImportError`` that names the pip command.
 
+    run_mlx_diffgemma(model_path, prompt_ids, *, max_new_tokens, max_denoising_steps, seed, ...)
     run_mlx_vlm(model_path, prompt_ids, *, max_new_tokens, max_denoising_steps, seed, ...)
     run_transformers(model_path, prompt_ids, *, max_new_tokens, max_denoising_steps, seed, ...)
 
@@ -64,7 +64,7 @@ PAD_TOKEN_ID = 0
 RESULT_MARKER = "PEERS_RESULT_JSON: "
 OPENBLAS_LIB = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
-__all__ = ["run_mlx_vlm", "run_transformers", "run_peer_subprocess", "openblas_env"]
+__all__ = ["run_mlx_diffgemma", "run_mlx_vlm", "run_transformers", "run_peer_subprocess", "openblas_env"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -465,8 +465,99 @@ def run_transformers(
     return res
 
 
+# --------------------------------------------------------------------------- mlx_diffgemma (ours)
+def run_mlx_diffgemma(
+    model_path,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    max_denoising_steps: int,
+    seed: int,
+    entropy_bound: float = 0.1,
+    t_min: float = 0.4,
+    t_max: float = 0.8,
+    stability_threshold: int = 1,
+    confidence_threshold: float = 0.005,
+    eos_token_ids: Optional[Sequence[int]] = None,
+    dtype: Optional[str] = None,
+    warmup: bool = False,
+) -> Dict[str, Any]:
+    """Generate with this project's token-level loop (`mlx_diffgemma.block_diffusion.generate_step`).
+
+    It runs transformers' algorithm exactly (the parity tests replay transformers' draws), so
+    only the RNG stream differs from the other runners. Extra keys: per-canvas encode and
+    denoise seconds and host syncs, as the loop measures them.
+    """
+    try:
+        import mlx.core as mx
+
+        import mlx_diffgemma
+        from mlx_diffgemma import load_model
+        from mlx_diffgemma.block_diffusion import Block, generate_step, prefill
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"mlx_diffgemma is not installed ({exc}); pip install -e .") from None
+
+    model_path = Path(model_path)
+    eos = _eos_ids(model_path, eos_token_ids)
+    t0 = time.perf_counter()
+    model = load_model(model_path)
+    if dtype is not None:
+        model.set_dtype(getattr(mx, dtype))
+        mx.eval(model.parameters())
+    load_s = time.perf_counter() - t0
+    config = model.generation_config.replace(
+        entropy_bound=float(entropy_bound),
+        t_min=float(t_min),
+        t_max=float(t_max),
+        stability_threshold=int(stability_threshold),
+        confidence_threshold=float(confidence_threshold),
+        eos_token_id=tuple(eos),
+    )
+    prompt = mx.array([list(int(t) for t in prompt_ids)], dtype=mx.int32)
+
+    def _generate(n_tokens, n_steps, gen_seed):
+        cache = model.make_cache()
+        tic = time.perf_counter()
+        prefill(model, prompt, cache)
+        prefill_s = time.perf_counter() - tic
+        cfg = config.replace(max_new_tokens=int(n_tokens), max_denoising_steps=int(n_steps))
+        blocks = [
+            ev
+            for ev in generate_step(prompt[:, :0], model, config=cfg, cache=cache, key=mx.random.key(gen_seed))
+            if isinstance(ev, Block)
+        ]
+        return prefill_s, blocks
+
+    if warmup:  # same shapes, 2 canvases x 2 steps: compile and first-call costs leave the timing
+        canvas = model.args.canvas_length
+        _generate(min(int(max_new_tokens), 2 * canvas), min(int(max_denoising_steps), 2), int(seed) + 1)
+    mx.reset_peak_memory()
+    t1 = time.perf_counter()
+    prefill_s, blocks = _generate(max_new_tokens, max_denoising_steps, seed)
+    total_s = time.perf_counter() - t1
+    new_ids = [t for b in blocks for t in b.tokens[0].tolist()]
+    res = _common_result(
+        "mlx_diffgemma",
+        {"mlx_diffgemma": getattr(mlx_diffgemma, "__version__", None), "mlx": mx.__version__},
+        new_ids, eos, max_new_tokens, [b.steps for b in blocks], load_s, prefill_s,
+        total_s - prefill_s, total_s, mx.get_peak_memory() / 1e9,
+    )
+    steps = sum(b.steps for b in blocks)
+    res["encode_s_per_canvas"] = [b.encode_seconds for b in blocks]
+    res["denoise_s_per_canvas"] = [b.denoise_seconds for b in blocks]
+    res["ms_per_step"] = 1000 * sum(b.denoise_seconds for b in blocks) / steps
+    res["host_syncs_per_step"] = blocks[-1].step_syncs / steps
+    res["host_syncs_per_encode"] = blocks[-1].encode_syncs / max(1, len(blocks) - 1)
+    return res
+
+
 # --------------------------------------------------------------------------- subprocess entry
-RUNNERS = {"mlx_vlm": run_mlx_vlm, "mlx-vlm": run_mlx_vlm, "transformers": run_transformers}
+RUNNERS = {
+    "mlx_diffgemma": run_mlx_diffgemma,
+    "mlx_vlm": run_mlx_vlm,
+    "mlx-vlm": run_mlx_vlm,
+    "transformers": run_transformers,
+}
 
 
 def openblas_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:

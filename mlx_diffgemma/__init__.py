@@ -1,5 +1,7 @@
 """DiffusionGemma on MLX."""
 
+__version__ = "0.1.0"
+
 import warnings
 
 from .config import DiffusionConfig

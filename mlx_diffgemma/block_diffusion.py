@@ -40,7 +40,8 @@ class Block:
     decoder_forwards: mx.array  # (B,) int, counted as transformers' tokens_per_forward does
     encode_seconds: float  # re-encoding the previous canvas into the cache
     denoise_seconds: float  # this canvas's denoising steps
-    host_syncs: int  # device->host waits so far (one per step, one per canvas)
+    step_syncs: int  # device->host waits in denoising steps so far: one per step
+    encode_syncs: int  # waits for re-encoded canvases so far: one per canvas after the first
 
 
 _step_stats = mx.compile(S.step_stats)
@@ -94,7 +95,7 @@ def generate_step(
     prefill(model, prompt, cache, prefill_step_size)
     finished = mx.zeros((B,), dtype=mx.bool_)
     forwards = mx.zeros((B,), dtype=mx.int32)
-    syncs = 0
+    step_syncs = encode_syncs = 0
     last = None
     for block in range(math.ceil(config.max_new_tokens / C)):
         tic = time.perf_counter()
@@ -102,7 +103,7 @@ def generate_step(
             # Re-encode the appended canvas at the positions the decoder used.
             model.encode(last, cache)
             mx.eval([c.state for c in cache])
-            syncs += 1
+            encode_syncs += 1
         encode_s = time.perf_counter() - tic
         tic = time.perf_counter()
         x = canvas if block == 0 and canvas is not None else draws.initial_canvas((B, C))
@@ -129,17 +130,21 @@ def generate_step(
                 logits = model.denoise(x, cache, self_conditioning_probs=probs)
             if drafts:
                 yield DenoiseStep(block, steps, argmax, accepted, x)
-            syncs += 1
-            if mx.all(done).item():  # the one host sync per step
+            # The one host sync per step: the stop test, and whether every row has
+            # emitted EOS if this is the canvas's last step.
+            step_syncs += 1
+            eos_seen = S.pad_after_eos(argmax, eos, config.pad_token_id)[1]
+            stop, ended = mx.stack([mx.all(done), mx.all(finished | eos_seen)]).tolist()
+            if stop:
                 break
         tokens, has_eos = S.pad_after_eos(argmax, eos, config.pad_token_id)
         # Rows that ended in an earlier canvas get a canvas of pad.
         tokens = mx.where(finished[:, None], config.pad_token_id, tokens)
         finished = finished | has_eos
         last = tokens
-        syncs += 1
-        all_finished = mx.all(finished).item()
         denoise_s = time.perf_counter() - tic
-        yield Block(block, tokens, steps, finished, forwards, encode_s, denoise_s, syncs)
-        if all_finished:
+        yield Block(
+            block, tokens, steps, finished, forwards, encode_s, denoise_s, step_syncs, encode_syncs
+        )
+        if ended:
             break

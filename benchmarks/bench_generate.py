@@ -1,0 +1,147 @@
+"""Generation benchmark: this port, mlx-vlm and transformers side by side on one checkpoint.
+
+    python benchmarks/bench_generate.py --config shape --steps 3 --max-new-tokens 512 --repeats 2
+
+Every run is a fresh subprocess (load, one warm-up generation of the same shapes, then the
+timed one) with the same prompt ids, canvas count, step count and seed; runs alternate between
+runtimes. On a random checkpoint EOS is disabled and early stopping cannot fire, so every
+runtime does the same work: canvases x steps denoising forwards plus the re-encodes.
+
+Columns: prompt tokens, canvases, denoising steps per canvas, tokens per forward, ms per
+denoising step (generation time / steps, re-encodes included), ms per re-encode (where the
+runtime exposes it), generated tok/s, work tok/s (canvas positions x steps / s), peak memory
+(MLX allocator; process RSS for torch) and host syncs per step (measured for this port;
+for mlx-vlm read from its source: one `.item()` per step for the stability test, one more
+on steps where it holds).
+
+On Linux CPU the OpenBLAS preload (shared/docs/PERFORMANCE.md §3.4) is set for every child
+unless --no-openblas. mlx-vlm runs in its own venv (--mlx-vlm-python); see benchmarks/README.md.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from peers import run_peer_subprocess  # noqa: E402
+from shape_checkpoint import build  # noqa: E402
+
+MLX_VLM_SOURCE_SYNCS = "1-2 (source)"
+
+
+def default_checkpoint(kind: str) -> Path:
+    root = Path(os.environ.get("MLX_DIFFGEMMA_CACHE", Path.home() / ".cache" / "mlx_diffgemma"))
+    return root / "bench" / kind
+
+
+def row(r, canvas_length):
+    steps = r["total_denoising_steps"]
+    gen = r["generate_s"]
+    enc = r.get("encode_s_per_canvas") or []
+    enc = [e for e in enc[1:]]  # the first canvas has nothing to re-encode
+    syncs = r.get("host_syncs_per_step")  # plus one per re-encoded canvas
+    return {
+        "runtime": r["peer"],
+        "prompt": r["prompt_tokens"],
+        "canvases": r["num_canvases"],
+        "steps/canvas": "/".join(map(str, r["steps_per_canvas"])),
+        "tok/fwd": r["tokens_per_forward"],
+        "ms/step": 1000 * gen / steps,
+        "ms/encode": 1000 * statistics.mean(enc) if enc else None,
+        "tok/s": r["num_generated_tokens"] / gen,
+        "work tok/s": canvas_length * steps / gen,
+        "peak GB": r["peak_memory_gb"] if r["peak_memory_gb"] is not None else r["peak_rss_gb"],
+        "syncs/step": f"{syncs:.2f}" if syncs is not None else (
+            MLX_VLM_SOURCE_SYNCS if r["peer"] == "mlx-vlm" else "n/a"
+        ),
+    }
+
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def print_table(rows):
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(fmt(r[k])) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        print("  ".join(fmt(r[k]).ljust(widths[k]) for k in keys))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, help="HF-layout folder; default: build --config")
+    p.add_argument("--config", choices=["shape", "tiny"], default="shape")
+    p.add_argument("--runtimes", default="mlx_diffgemma,mlx_vlm,transformers")
+    p.add_argument("--mlx-vlm-python", default=os.environ.get("MLX_VLM_PYTHON", sys.executable))
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="denoising steps per canvas")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-openblas", action="store_true")
+    p.add_argument("--json", type=Path, help="also write all results here")
+    a = p.parse_args()
+
+    path = a.checkpoint or default_checkpoint(a.config)
+    if not (path / "config.json").exists():
+        print(f"[INFO] Building the '{a.config}' checkpoint in {path} (once)", flush=True)
+        build(path, a.config)
+    config = json.loads((path / "config.json").read_text())
+    canvas = config["canvas_length"]
+    vocab = config["text_config"]["vocab_size"]
+    lo = min(1000, vocab // 4)  # ordinary text ids, clear of the special tokens
+    prompt = [2] + [(7919 * i + 13) % (vocab - lo) + lo for i in range(a.prompt_tokens - 1)]
+    settings = dict(
+        max_new_tokens=a.max_new_tokens,
+        max_denoising_steps=a.steps,
+        seed=a.seed,
+        eos_token_ids=[],  # random weights: run every canvas in every runtime
+        warmup=True,
+    )
+    runtimes = a.runtimes.split(",")
+    python = {"mlx_vlm": a.mlx_vlm_python}
+    print(
+        f"[INFO] {path.name}: hidden {config['text_config']['hidden_size']}, vocab {vocab}, "
+        f"{config['text_config']['num_hidden_layers']} layers, {config['text_config']['num_experts']} "
+        f"experts; prompt {a.prompt_tokens}, {a.max_new_tokens} new tokens, {a.steps} steps/canvas, "
+        f"OpenBLAS {'off' if a.no_openblas else 'on'}",
+        flush=True,
+    )
+    results = {r: [] for r in runtimes}
+    rows = []
+    for rep in range(a.repeats):
+        for rt in runtimes:  # alternate, so drift on a shared machine hits all runtimes alike
+            tic = time.perf_counter()
+            r = run_peer_subprocess(
+                rt, python.get(rt, sys.executable), path, prompt, openblas=not a.no_openblas, **settings
+            )
+            r["prompt_tokens"] = len(prompt)
+            results[rt].append(r)
+            rows.append(row(r, canvas))
+            print(f"[INFO] run {rep + 1}/{a.repeats} {rt}: {time.perf_counter() - tic:.0f} s wall", flush=True)
+    print()
+    print_table(rows)
+    print()
+    tps = {rt: statistics.median(x["num_generated_tokens"] / x["generate_s"] for x in results[rt]) for rt in runtimes}
+    ours = "mlx_diffgemma"
+    for rt in runtimes:
+        if rt != ours and ours in tps:
+            print(f"mlx_diffgemma / {rt}: {tps[ours] / tps[rt]:.2f}x tokens/s (median of {a.repeats})")
+    if a.json:
+        a.json.write_text(json.dumps({"settings": vars(a) | {"checkpoint": str(path)}, "results": results}, default=str, indent=1))
+
+
+if __name__ == "__main__":
+    main()
