@@ -10,7 +10,7 @@
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Generator, List, Optional, Union
+from typing import Any, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -48,6 +48,16 @@ _step_stats = mx.compile(S.step_stats)
 _step_update = mx.compile(S.step_update)
 
 
+def _clamp(clamps, block, shape, dtype):
+    clamp = clamps[block] if block < len(clamps) else None
+    if clamp is None:
+        return mx.zeros(shape, dtype=mx.bool_), mx.zeros(shape, dtype=dtype)
+    mask, ids = clamp
+    if mask.shape != shape or ids.shape != shape:
+        raise ValueError(f"Clamp mask and ids must have shape {shape}, got {mask.shape} and {ids.shape}.")
+    return mask.astype(mx.bool_), ids.astype(dtype)
+
+
 def prefill(model, prompt: mx.array, cache: List[Any], step_size: int = 512) -> None:
     """Encode `prompt` (B, L) in chunks; chunking is exact (see SlidingWindowCache)."""
     for i in range(0, prompt.shape[1], step_size):
@@ -64,6 +74,7 @@ def generate_step(
     key: Optional[mx.array] = None,
     draws: Optional[Any] = None,
     canvas: Optional[mx.array] = None,
+    clamps: Sequence[Optional[Tuple[mx.array, mx.array]]] = (),
     drafts: bool = False,
     prefill_step_size: int = 512,
 ) -> Generator[Union[DenoiseStep, Block], None, None]:
@@ -79,6 +90,9 @@ def generate_step(
         key: `mx.random.key` for all random draws; or pass `draws` (an object with
             `initial_canvas(shape)`, `noise(shape)`, `sample(probs)`), e.g. to replay.
         canvas: (B, C) starting canvas of the first block instead of random ids.
+        clamps: per block, None or `(mask, ids)`, both (B, C): positions whose ids are
+            fixed. They start as `ids`, are never renoised or resampled, are always
+            accepted and appear as is in the output; the rest denoises as usual.
         drafts: also yield every denoising step.
     """
     if (key is None) == (draws is None):
@@ -107,6 +121,8 @@ def generate_step(
         encode_s = time.perf_counter() - tic
         tic = time.perf_counter()
         x = canvas if block == 0 and canvas is not None else draws.initial_canvas((B, C))
+        clamp_mask, clamp_ids = _clamp(clamps, block, (B, C), x.dtype)
+        x = mx.where(clamp_mask, clamp_ids, x)
         argmax, probs = x, None
         history = [mx.full((B, C), -1, dtype=x.dtype)] * config.stability_threshold
         done = mx.zeros((B,), dtype=mx.bool_)
@@ -119,7 +135,7 @@ def generate_step(
             p, ent, new_argmax = _step_stats(logits, temp)
             x, argmax, probs, done, history, accepted = _step_update(
                 p, ent, new_argmax, draws.sample(p), draws.noise((B, C)), x, argmax,
-                p if probs is None else probs, done, history,
+                p if probs is None else probs, done, history, clamp_mask, clamp_ids,
                 config.entropy_bound, config.confidence_threshold,
             )
             steps += 1

@@ -88,17 +88,23 @@ def is_confident(entropies: mx.array, confidence_threshold: float) -> mx.array:
 
 def step_update(
     probs, entropy, new_argmax, sampled, noise, canvas, argmax, prev_probs, done, history,
-    entropy_bound: float, confidence_threshold: float,
+    clamp_mask, clamp_ids, entropy_bound: float, confidence_threshold: float,
 ):
     """Accept, renoise and the stop test for one step; arrays are (B, C[, V]).
 
+    Clamped positions (`clamp_mask`, ids `clamp_ids`) are decided: they are always accepted,
+    keep their ids, and count as zero entropy, so they use none of the entropy bound and do
+    not hold back the confidence test. With no clamp this is transformers' step exactly.
     Rows that already stopped (`done`) keep their canvas, argmax and conditioning.
     Returns (canvas, argmax, probs, done, history, accepted).
     """
-    accepted = entropy_bound_accept(entropy, entropy_bound)
-    new_canvas = renoise(accepted, sampled.astype(canvas.dtype), noise.astype(canvas.dtype))
+    entropy = mx.where(clamp_mask, 0.0, entropy)
+    accepted = entropy_bound_accept(entropy, entropy_bound) | clamp_mask
+    sampled = mx.where(clamp_mask, clamp_ids, sampled.astype(canvas.dtype))
+    new_canvas = renoise(accepted, sampled, noise.astype(canvas.dtype))
+    new_argmax = mx.where(clamp_mask, clamp_ids, new_argmax.astype(argmax.dtype))
     keep = done[:, None]
-    new_argmax = mx.where(keep, argmax, new_argmax.astype(argmax.dtype))
+    new_argmax = mx.where(keep, argmax, new_argmax)
     new_canvas = mx.where(keep, canvas, new_canvas)
     if probs.shape[0] > 1:  # a single row never runs past its stop
         probs = mx.where(keep[..., None], prev_probs, probs)

@@ -179,3 +179,25 @@ def test_generation_config_precedence(tmp_path):
     assert cfg.t_max == 0.8  # transformers' default where the file is silent
     assert cfg.replace(max_denoising_steps=5, t_min=None).max_denoising_steps == 5
     assert math.isclose(cfg.replace(t_min=None).t_min, 0.4)
+
+
+def test_clamped_positions_are_fixed_accepted_and_free_of_entropy_budget():
+    model = ScriptedModel(peaky=False)  # uniform logits: only one free position per step
+    mask = mx.array([[True, False, True, False]])
+    ids = mx.array([[9, 0, 11, 0]])
+    config = DiffusionConfig(max_new_tokens=4, max_denoising_steps=5)
+    events = list(
+        generate_step(
+            mx.array([[2, 5]]), model, config=config, key=mx.random.key(1), drafts=True,
+            clamps=[(mask, ids)],
+        )
+    )
+    steps = [e for e in events if isinstance(e, DenoiseStep)]
+    for s in steps:
+        assert [s.canvas[0, 0].item(), s.canvas[0, 2].item()] == [9, 11]
+        assert [s.argmax[0, 0].item(), s.argmax[0, 2].item()] == [9, 11]
+        assert s.accepted[0, 0].item() and s.accepted[0, 2].item()
+        # the clamps cost nothing: exactly one free position is still accepted
+        assert s.accepted.sum().item() == 3
+    block = events[-1]
+    assert [block.tokens[0, 0].item(), block.tokens[0, 2].item()] == [9, 11]
