@@ -45,6 +45,7 @@ class Block:
 
 
 _step_stats = mx.compile(S.step_stats)
+_masked_step_stats = mx.compile(S.masked_step_stats)
 _step_update = mx.compile(S.step_update)
 
 
@@ -56,6 +57,18 @@ def _clamp(clamps, block, shape, dtype):
     if mask.shape != shape or ids.shape != shape:
         raise ValueError(f"Clamp mask and ids must have shape {shape}, got {mask.shape} and {ids.shape}.")
     return mask.astype(mx.bool_), ids.astype(dtype)
+
+
+def _allowed(token_masks, token_classes, block, shape):
+    classes = token_classes[block] if block < len(token_classes) else None
+    if classes is None:
+        return None
+    if token_masks is None:
+        raise ValueError("token_classes index token_masks; pass token_masks (K, V) as well.")
+    if classes.shape != shape:
+        raise ValueError(f"token_classes must have shape {shape}, got {classes.shape}.")
+    # (B, C, V) bool, gathered once per canvas rather than at every step.
+    return mx.take(token_masks.astype(mx.bool_), classes.astype(mx.int32), axis=0)
 
 
 def prefill(model, prompt: mx.array, cache: List[Any], step_size: int = 512) -> None:
@@ -75,6 +88,8 @@ def generate_step(
     draws: Optional[Any] = None,
     canvas: Optional[mx.array] = None,
     clamps: Sequence[Optional[Tuple[mx.array, mx.array]]] = (),
+    token_masks: Optional[mx.array] = None,
+    token_classes: Sequence[Optional[mx.array]] = (),
     drafts: bool = False,
     prefill_step_size: int = 512,
 ) -> Generator[Union[DenoiseStep, Block], None, None]:
@@ -93,6 +108,11 @@ def generate_step(
         clamps: per block, None or `(mask, ids)`, both (B, C): positions whose ids are
             fixed. They start as `ids`, are never renoised or resampled, are always
             accepted and appear as is in the output; the rest denoises as usual.
+        token_masks: (K, V) bool, rows of allowed tokens for `token_classes`.
+        token_classes: per block, None (no limit) or (B, C) int: the row of `token_masks`
+            each position samples from. The logits of other tokens are -inf before the
+            temperature, so sampling, argmax, entropy and the stop test all use the
+            restricted distribution. Each row must allow at least one token.
         drafts: also yield every denoising step.
     """
     if (key is None) == (draws is None):
@@ -123,6 +143,7 @@ def generate_step(
         x = canvas if block == 0 and canvas is not None else draws.initial_canvas((B, C))
         clamp_mask, clamp_ids = _clamp(clamps, block, (B, C), x.dtype)
         x = mx.where(clamp_mask, clamp_ids, x)
+        allowed = _allowed(token_masks, token_classes, block, (B, C))
         argmax, probs = x, None
         history = [mx.full((B, C), -1, dtype=x.dtype)] * config.stability_threshold
         done = mx.zeros((B,), dtype=mx.bool_)
@@ -132,7 +153,10 @@ def generate_step(
             forwards = forwards + (~(done | finished)).astype(mx.int32)
             temp = S.temperature(n, N, config.t_min, config.t_max)
             # One exp over the vocabulary serves sampling, entropy, stop test and conditioning.
-            p, ent, new_argmax = _step_stats(logits, temp)
+            if allowed is None:
+                p, ent, new_argmax = _step_stats(logits, temp)
+            else:
+                p, ent, new_argmax = _masked_step_stats(logits, temp, allowed)
             x, argmax, probs, done, history, accepted = _step_update(
                 p, ent, new_argmax, draws.sample(p), draws.noise((B, C)), x, argmax,
                 p if probs is None else probs, done, history, clamp_mask, clamp_ids,

@@ -3,7 +3,8 @@
 `stream_generate` maps the token-level events of `block_diffusion.generate_step` to text:
 one "commit" response per canvas (and one "draft" per denoising step when asked), the
 thinking block split from the answer, the output trimmed to `max_tokens`. A `PromptCache`
-carries a conversation from one call to the next.
+carries a conversation from one call to the next. A `CanvasLayout` fixes, seeds or limits
+output positions (infill, structured output, puzzles).
 """
 
 import math
@@ -14,6 +15,7 @@ from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
+from . import sampler as S
 from .block_diffusion import DenoiseStep, generate_step, prefill
 from .config import DiffusionConfig
 from .tokenizer import split_thinking
@@ -135,6 +137,116 @@ class PromptCache:
             return
         n = offsets.pop()
         self.tokens, self.pending = conversation[:n], conversation[n:]
+
+
+@dataclass(frozen=True)
+class CanvasLayout:
+    """What the output positions hold before denoising, from the first output token on.
+
+    Fixed positions are clamped: they start as their id, are never renoised or
+    resampled, are always accepted, use none of the entropy bound, and appear as is in
+    the output. Seeded positions start as their id instead of random noise and then
+    denoise like any other (a warm start: after the first step the seed survives only
+    where it is accepted). A position with a token class samples only from that row of
+    `token_masks`. Positions past the end of the layout are free.
+
+    Attributes:
+        ids: per position, the fixed or seed token id (ignored at free positions).
+        fixed: per position, True where the id is clamped.
+        seeded: per position, True where the canvas starts from the id; () for none.
+        token_class: per position, a row of `token_masks`, or -1 for no limit; () for none.
+        token_masks: (K, V) bool, the allowed tokens of each class; None without classes.
+    """
+
+    ids: Tuple[int, ...]
+    fixed: Tuple[bool, ...]
+    seeded: Tuple[bool, ...] = ()
+    token_class: Tuple[int, ...] = ()
+    token_masks: Optional[mx.array] = None
+
+    def __post_init__(self):
+        n = len(self.ids)
+        for name in ("fixed", "seeded", "token_class"):
+            value = tuple(getattr(self, name))
+            object.__setattr__(self, name, value)
+            if value and len(value) != n:
+                raise ValueError(f"CanvasLayout.{name} has {len(value)} entries; ids has {n}.")
+        object.__setattr__(self, "ids", tuple(int(i) for i in self.ids))
+        if any(f and s for f, s in zip(self.fixed, self.seeded)):
+            raise ValueError("A CanvasLayout position cannot be both fixed and seeded.")
+        if self.token_class and any(c >= 0 for c in self.token_class):
+            if self.token_masks is None or self.token_masks.ndim != 2:
+                raise ValueError("token_class needs token_masks, a (K, V) bool array.")
+            if max(self.token_class) >= self.token_masks.shape[0]:
+                raise ValueError(
+                    f"token_class {max(self.token_class)} is out of range for "
+                    f"{self.token_masks.shape[0]} token_masks rows."
+                )
+            empty = (~mx.any(self.token_masks, axis=1)).tolist()
+            if any(empty):
+                raise ValueError(f"token_masks row {empty.index(True)} allows no token.")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _block(self, values, block: int, C: int, fill):
+        part = list(values[block * C : (block + 1) * C])
+        return mx.array([part + [fill] * (C - len(part))])
+
+    def clamps(self, canvases: int, C: int) -> List[Optional[Tuple[mx.array, mx.array]]]:
+        """`generate_step`'s clamps: per canvas None or (mask, ids), each (1, C)."""
+        out = []
+        for b in range(canvases):
+            fixed = self.fixed[b * C : (b + 1) * C]
+            out.append(
+                (self._block(self.fixed, b, C, False), self._block(self.ids, b, C, 0))
+                if any(fixed)
+                else None
+            )
+        return out
+
+    def seeds(self, canvases: int, C: int) -> List[Optional[Tuple[mx.array, mx.array]]]:
+        """Per canvas None or (mask, ids), each (1, C): where the canvas starts from `ids`."""
+        out = []
+        for b in range(canvases):
+            seeded = self.seeded[b * C : (b + 1) * C]
+            out.append(
+                (self._block(self.seeded, b, C, False), self._block(self.ids, b, C, 0))
+                if any(seeded)
+                else None
+            )
+        return out
+
+    def classes(self, canvases: int, C: int):
+        """`generate_step`'s (token_masks, token_classes), or (None, ()) without classes.
+
+        An all-allowed row is appended for the positions with no limit.
+        """
+        if not self.token_class or all(c < 0 for c in self.token_class):
+            return None, ()
+        K, V = self.token_masks.shape
+        masks = mx.concatenate([self.token_masks.astype(mx.bool_), mx.ones((1, V), mx.bool_)])
+        classes = [c if c >= 0 else K for c in self.token_class]
+        out = []
+        for b in range(canvases):
+            limited = any(c >= 0 for c in self.token_class[b * C : (b + 1) * C])
+            out.append(self._block(classes, b, C, K) if limited else None)
+        return masks, out
+
+
+class _SeededDraws(S.RandomDraws):
+    """Random draws whose canvas `b` starts from `seeds[b]` (mask, ids) where given."""
+
+    def __init__(self, key, vocab_size, seeds):
+        super().__init__(key, vocab_size)
+        self.seeds = list(seeds)
+        self.block = 0
+
+    def initial_canvas(self, shape):
+        x = super().initial_canvas(shape)  # drawn anyway: the other draws stay as unseeded
+        seed = self.seeds[self.block] if self.block < len(self.seeds) else None
+        self.block += 1
+        return x if seed is None else mx.where(seed[0], seed[1].astype(x.dtype), x)
 
 
 def resolve_config(
@@ -280,6 +392,7 @@ def stream_generate(
     drafts: bool = False,
     prompt_cache: Optional[PromptCache] = None,
     enable_thinking: Optional[bool] = None,
+    layout: Optional[CanvasLayout] = None,
     **settings,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a generation: a "commit" response per canvas, and a "draft" per step if asked.
@@ -300,16 +413,28 @@ def stream_generate(
         drafts: also yield the argmax canvas after every denoising step.
         prompt_cache: a `PromptCache` to continue and update; a fresh one if None.
         enable_thinking: chat messages only: ask for a thinking block (first turn).
+        layout: fixed, seeded and token-limited output positions (see `CanvasLayout`);
+            `max_tokens` then defaults to its length. EOS still ends the output: fixed
+            positions after an EOS the model wrote are not returned; pass
+            `eos_token_id=()` to run every canvas, or limit the free positions to
+            tokens other than EOS.
         settings: overrides of `DiffusionConfig` fields, e.g. `max_denoising_steps=16`.
 
     Yields:
         `GenerationResponse`s.
 
     Raises:
-        ValueError: empty prompt, invalid setting, or prompt and canvases longer than the
-            model's context.
+        ValueError: empty prompt, invalid setting, prompt and canvases longer than the
+            model's context, or a layout longer than `max_tokens`.
     """
+    if layout is not None and max_tokens is None:
+        max_tokens = len(layout)
     config = resolve_config(model, config, max_tokens, **settings)
+    if layout is not None and len(layout) > config.max_new_tokens:
+        raise ValueError(
+            f"The layout has {len(layout)} positions but max_tokens is "
+            f"{config.max_new_tokens}; raise max_tokens or leave it unset."
+        )
     cache = prompt_cache if prompt_cache is not None else PromptCache(model)
     cache._check()
     new = cache.pending + _prompt_ids(tokenizer, prompt, cache, enable_thinking)
@@ -357,13 +482,24 @@ def stream_generate(
         prefill(model, mx.array([new], dtype=mx.int32), cache.layers)
         gen_start = time.perf_counter()
         prompt_tps = len(new) / (gen_start - tic)
+        key, draws, canvas = mx.random.key(seed), None, {}
+        if layout is not None:
+            seeds = layout.seeds(n_canvases, C)
+            if any(s is not None for s in seeds):
+                key, draws = None, _SeededDraws(key, model.args.vocab_size, seeds)
+            masks, classes = layout.classes(n_canvases, C)
+            canvas = dict(
+                clamps=layout.clamps(n_canvases, C), token_masks=masks, token_classes=classes
+            )
         events = generate_step(
             mx.zeros((1, 0), dtype=mx.int32),  # the prompt is in the cache already
             model,
             config=config,
             cache=cache.layers,
-            key=mx.random.key(seed),
+            key=key,
+            draws=draws,
             drafts=drafts,
+            **canvas,
         )
         for ev in events:
             if isinstance(ev, DenoiseStep):

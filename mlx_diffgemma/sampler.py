@@ -36,6 +36,24 @@ def step_stats(logits: mx.array, temp: mx.array):
     return probs, entropy, mx.argmax(logits, axis=-1)
 
 
+def masked_step_stats(logits: mx.array, temp: mx.array, allowed: mx.array):
+    """`step_stats` of the distribution restricted to `allowed` (B, C, V) bool.
+
+    Disallowed tokens get logit -inf before the temperature, so the probabilities, the
+    entropy (hence the acceptance and the stop test), the sample and the argmax all see
+    the renormalised distribution. Every position must allow at least one token.
+    """
+    x = mx.where(allowed, logits / temp, -mx.inf)
+    m = mx.max(x, axis=-1, keepdims=True)
+    e = mx.exp(x - m)
+    total = e.sum(axis=-1, keepdims=True)
+    probs = e / total
+    # 0 * -inf is nan: disallowed tokens add nothing to the entropy.
+    logprobs = mx.where(allowed, x - (m + mx.log(total)), 0.0)
+    entropy = -(probs * logprobs).sum(axis=-1)
+    return probs, entropy, mx.argmax(x, axis=-1)
+
+
 def sample_categorical(probs: mx.array, u: mx.array, block: int = 512) -> mx.array:
     """One categorical sample per row of `probs` (..., V) by inverting the CDF at `u` (...,).
 
