@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 import warnings
 
 from .config import DiffusionConfig
-from .generate import GenerationResponse, PromptCache, generate, stream_generate
+from .generate import CanvasLayout, GenerationResponse, PromptCache, generate, stream_generate
+from .infill import InfillResult, InfillTemplate, infill, stream_infill
 from .loader import load, load_model
 
 # `python -m mlx_diffgemma.generate` runs the module that this package has imported
@@ -15,11 +16,16 @@ warnings.filterwarnings(
 )
 
 __all__ = [
+    "CanvasLayout",
     "DiffusionConfig",
     "GenerationResponse",
+    "InfillResult",
+    "InfillTemplate",
     "PromptCache",
     "generate",
+    "infill",
     "load",
     "load_model",
     "stream_generate",
+    "stream_infill",
 ]

@@ -1,4 +1,4 @@
-"""Command line: `mlx_diffgemma generate` and `mlx_diffgemma convert`.
+"""Command line: `mlx_diffgemma generate`, `mlx_diffgemma infill` and `mlx_diffgemma convert`.
 
 Parse, call the public API, print. The answer goes to stdout; statistics, notes and
 errors go to stderr. Unset sampler flags stay None, so the precedence of `config.py`
@@ -220,6 +220,52 @@ def _chat(answer, model, system: Optional[str], think: bool):
         answer(messages, prompt_cache=cache, enable_thinking=think if first else None)
 
 
+def _sampler_options(command):
+    """Add the sampler flags of SAMPLER_FLAGS (shared by the commands that generate)."""
+    options = [
+        click.option(
+            "--steps",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Denoising steps per canvas at most "
+            "[default: the checkpoint's max_denoising_steps].",
+        ),
+        click.option(
+            "--entropy-bound",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Entropy (nats) a step may accept; larger accepts more tokens per step.",
+        ),
+        click.option(
+            "--t-min",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Temperature toward the last step.",
+        ),
+        click.option(
+            "--t-max",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Temperature of the first step.",
+        ),
+        click.option(
+            "--stability-threshold",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Stop a canvas once its argmax is unchanged for this many steps (and confident).",
+        ),
+        click.option(
+            "--confidence-threshold",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="... and its mean token entropy is below this.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command(name="generate", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--model",
@@ -238,36 +284,7 @@ def _chat(answer, model, system: Optional[str], think: bool):
     help="Output tokens at most; whole canvases are computed and the output is trimmed "
     "[default: the checkpoint's max_new_tokens].",
 )
-@click.option(
-    "--steps",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Denoising steps per canvas at most [default: the checkpoint's max_denoising_steps].",
-)
-@click.option(
-    "--entropy-bound",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Entropy (nats) a step may accept; larger accepts more tokens per step.",
-)
-@click.option(
-    "--t-min", type=click.FloatRange(min=0), default=None, help="Temperature toward the last step."
-)
-@click.option(
-    "--t-max", type=click.FloatRange(min=0), default=None, help="Temperature of the first step."
-)
-@click.option(
-    "--stability-threshold",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Stop a canvas once its argmax is unchanged for this many steps (and confident).",
-)
-@click.option(
-    "--confidence-threshold",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="... and its mean token entropy is below this.",
-)
+@_sampler_options
 @click.option("--seed", type=int, default=None, help="Seed of all random draws [default: random].")
 @click.option("--think/--no-think", default=False, help="Thinking mode.  [default: no-think]")
 @click.option(
@@ -341,12 +358,106 @@ def generate_command(
         click.get_current_context().exit(130)
 
 
+@click.command(name="infill", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--model",
+    "model_path",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Checkpoint folder (converted or transformers layout) or Hugging Face repo id.",
+)
+@click.option(
+    "--text",
+    "-t",
+    default=None,
+    help="Text with [[hole]], [[hole:N]] or [[edit]]old text[[/edit]] markup; - reads stdin.",
+)
+@click.option(
+    "--file",
+    "-f",
+    "path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Read the text with markup from this file.",
+)
+@click.option(
+    "--instruction",
+    "-i",
+    default=None,
+    help="A user message before the text (chat template); without it the text follows <bos>.",
+)
+@click.option("--system", "--system-prompt", default=None, help="System prompt (chat template).")
+@click.option(
+    "--hole-tokens",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Tokens of a [[hole]] without :N.",
+)
+@_sampler_options
+@click.option("--seed", type=int, default=None, help="Seed of all random draws [default: random].")
+@click.option("--fills", is_flag=True, help="Print only the fills, one per line (as JSON strings).")
+@click.option("--verbose", "-v", is_flag=True, help="Print statistics to stderr.")
+def infill_command(
+    model_path, text, path, instruction, system, hole_tokens, seed, fills, verbose, **sampler
+):
+    """Fill the holes of a text; the text around them is kept byte for byte.
+
+    The text before the first hole goes to the encoder; from the first hole on, the text
+    is clamped on the canvas and only the holes (and edit regions) are denoised. A hole
+    has exactly its budget of tokens; a <pad> or EOS the model writes in it ends the fill.
+    """
+    import json
+
+    from .generate import format_stats, resolve_config
+    from .infill import InfillTemplate, infill
+    from .loader import load
+
+    if (text is None) == (path is None):
+        raise click.UsageError("Give the text with --text (- for stdin) or --file.")
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    elif text == "-":
+        text = sys.stdin.read()
+    settings = {SAMPLER_FLAGS[f]: sampler[f.lstrip("-").replace("-", "_")] for f in SAMPLER_FLAGS}
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": instruction}] if instruction else []
+    try:
+        try:
+            model, tokenizer = load(model_path)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(_one_line(e))
+        try:
+            config = resolve_config(model, **settings)
+            template = InfillTemplate.parse(tokenizer, text, hole_tokens)
+        except ValueError as e:
+            raise click.UsageError(_one_line(e))
+        try:
+            result = infill(
+                model, tokenizer, template, messages=messages or None, config=config, seed=seed
+            )
+        except ValueError as e:
+            raise click.ClickException(_one_line(e))
+    except KeyboardInterrupt:
+        click.echo(("\n" if sys.stderr.isatty() else "") + "Interrupted.", err=True)
+        click.get_current_context().exit(130)
+    if fills:
+        for fill in result.fills:
+            click.echo(json.dumps(fill, ensure_ascii=False))
+    else:
+        click.echo(result.text, nl=not result.text.endswith("\n"))
+    if verbose:
+        click.echo(format_stats(result.response), err=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """DiffusionGemma (block text diffusion) on MLX."""
 
 
 cli.add_command(generate_command)
+cli.add_command(infill_command)
 
 
 @cli.command(
