@@ -406,6 +406,8 @@ def infill_command(
     The text before the first hole goes to the encoder; from the first hole on, the text
     is clamped on the canvas and only the holes (and edit regions) are denoised. A hole
     has exactly its budget of tokens; a <pad> or EOS the model writes in it ends the fill.
+    Text longer than a canvas continues on the next canvas; a hole sees the text up to
+    the end of its own canvas.
     """
     import json
 

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .generate import CanvasLayout, GenerationResponse, stream_generate
+from .generate import CanvasLayout, GenerationResponse, resolve_config, stream_generate
 
 SYSTEM_PROMPT = (
     "Solve the following Sudoku puzzle. Empty cells are represented by 0. Output ONLY the "
@@ -280,8 +280,8 @@ def solve(
     C = model.args.canvas_length
     ids = prompt_ids(tokenizer, puzzle, style)
     if clamp:
-        config = kwargs.get("config") or model.generation_config
-        eos = tuple(kwargs.get("eos_token_id") or config.eos_token_id or ())
+        eos = kwargs.get("eos_token_id") or resolve_config(model, kwargs.get("config")).eos_token_id
+        eos = tuple(eos or ())
         if not eos:
             raise ValueError("Clamping the grid needs an EOS id to put after it; set eos_token_id.")
         end = eos[0]
