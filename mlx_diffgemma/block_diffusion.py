@@ -45,7 +45,6 @@ class Block:
 
 
 _step_stats = mx.compile(S.step_stats)
-_masked_step_stats = mx.compile(S.masked_step_stats)
 _step_update = mx.compile(S.step_update)
 
 
@@ -125,6 +124,7 @@ def generate_step(
     if canvas is not None and canvas.shape != (B, C):
         raise ValueError(f"canvas must have shape {(B, C)}, got {tuple(canvas.shape)}.")
     eos = mx.array(config.eos_token_id or (), dtype=mx.int32)
+    cap = model.args.final_logit_softcapping
 
     prefill(model, prompt, cache, prefill_step_size)
     finished = mx.zeros((B,), dtype=mx.bool_)
@@ -147,16 +147,14 @@ def generate_step(
         argmax, probs = x, None
         history = [mx.full((B, C), -1, dtype=x.dtype)] * config.stability_threshold
         done = mx.zeros((B,), dtype=mx.bool_)
-        logits = model.denoise(x, cache)
+        logits = model.denoise(x, cache, apply_softcap=False)
         steps = 0
         for n in range(N, 0, -1):
             forwards = forwards + (~(done | finished)).astype(mx.int32)
             temp = S.temperature(n, N, config.t_min, config.t_max)
-            # One exp over the vocabulary serves sampling, entropy, stop test and conditioning.
-            if allowed is None:
-                p, ent, new_argmax = _step_stats(logits, temp)
-            else:
-                p, ent, new_argmax = _masked_step_stats(logits, temp, allowed)
+            # One pass over the vocabulary (softcap, temperature, one exp) serves sampling,
+            # entropy, the stop test and self-conditioning.
+            p, ent, new_argmax = _step_stats(logits, temp, cap, allowed)
             x, argmax, probs, done, history, accepted = _step_update(
                 p, ent, new_argmax, draws.sample(p), draws.noise((B, C)), x, argmax,
                 p if probs is None else probs, done, history, clamp_mask, clamp_ids,
@@ -167,7 +165,9 @@ def generate_step(
             # Build the next step's forward while this one runs; it is only evaluated
             # (and its random draws made) if the stop test below says to go on.
             if n > 1:
-                logits = model.denoise(x, cache, self_conditioning_probs=probs)
+                logits = model.denoise(
+                    x, cache, self_conditioning_probs=probs, apply_softcap=False
+                )
             if drafts:
                 yield DenoiseStep(block, steps, argmax, accepted, x)
             # The one host sync per step: the stop test, and whether every row has

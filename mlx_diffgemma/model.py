@@ -406,12 +406,15 @@ class Model(nn.Module):
         self_conditioning_logits: Optional[mx.array] = None,
         *,
         self_conditioning_probs: Optional[mx.array] = None,
+        apply_softcap: bool = True,
     ) -> mx.array:
         """Bidirectional pass of `canvas` (B, C) over the cache; returns float32 logits (B, C, V).
 
         Canvas positions continue after the cache; the cache is not modified. The
         previous step's (temperature-scaled) logits condition the input; a sampler that
-        already has their softmax passes `self_conditioning_probs` instead.
+        already has their softmax passes `self_conditioning_probs` instead. With
+        `apply_softcap=False` the logits come before the final tanh cap, for a sampler
+        that fuses the cap into its own pass over the vocabulary.
         """
         if self_conditioning_logits is not None and self_conditioning_probs is not None:
             raise ValueError("Pass self_conditioning_logits or self_conditioning_probs, not both.")
@@ -428,6 +431,8 @@ class Model(nn.Module):
         for layer, c in zip(text.layers, cache):
             x = layer(x, c, False, layer.layer_scalar)
         logits = text.embed_tokens.as_linear(text.norm(x)).astype(mx.float32)
+        if not apply_softcap:
+            return logits
         cap = self.args.final_logit_softcapping
         return mx.tanh(logits / cap) * cap
 

@@ -5,7 +5,7 @@ denoising steps *remaining* (N at the first step of a canvas, 1 at the last).
 """
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 
@@ -19,37 +19,29 @@ def temperature(step, num_steps: int, t_min: float, t_max: float) -> mx.array:
     return (t_max - t_min) * frac + t_min
 
 
-def step_stats(logits: mx.array, temp: mx.array):
+def step_stats(logits: mx.array, temp: mx.array, softcap: Optional[float] = None, allowed=None):
     """What a step needs from its logits (B, C, V), with a single exp over the vocabulary.
 
     Returns (probs, entropy, argmax) of the temperature-scaled logits: probs feed the
     sample and the next step's self-conditioning, the entropy (nats) the acceptance and
-    the stop test.
+    the stop test. `softcap` applies the model's tanh cap here, fused into the same pass
+    (for logits from `denoise(..., apply_softcap=False)`). `allowed` (B, C, V) bool
+    restricts each position's tokens: the others get -inf after the temperature, so
+    probs, entropy (hence acceptance and the stop test), sample and argmax all see the
+    renormalised distribution; every position must allow at least one token.
     """
+    if softcap is not None:
+        logits = mx.tanh(logits / softcap) * softcap
     x = logits / temp
+    if allowed is not None:
+        x = mx.where(allowed, x, -mx.inf)
     m = mx.max(x, axis=-1, keepdims=True)
     e = mx.exp(x - m)
     total = e.sum(axis=-1, keepdims=True)
     probs = e / total
     logprobs = x - (m + mx.log(total))
-    entropy = -(probs * logprobs).sum(axis=-1)
-    return probs, entropy, mx.argmax(logits, axis=-1)
-
-
-def masked_step_stats(logits: mx.array, temp: mx.array, allowed: mx.array):
-    """`step_stats` of the distribution restricted to `allowed` (B, C, V) bool.
-
-    Disallowed tokens get logit -inf before the temperature, so the probabilities, the
-    entropy (hence the acceptance and the stop test), the sample and the argmax all see
-    the renormalised distribution. Every position must allow at least one token.
-    """
-    x = mx.where(allowed, logits / temp, -mx.inf)
-    m = mx.max(x, axis=-1, keepdims=True)
-    e = mx.exp(x - m)
-    total = e.sum(axis=-1, keepdims=True)
-    probs = e / total
-    # 0 * -inf is nan: disallowed tokens add nothing to the entropy.
-    logprobs = mx.where(allowed, x - (m + mx.log(total)), 0.0)
+    if allowed is not None:
+        logprobs = mx.where(allowed, logprobs, 0.0)  # 0 * -inf is nan
     entropy = -(probs * logprobs).sum(axis=-1)
     return probs, entropy, mx.argmax(x, axis=-1)
 

@@ -39,7 +39,10 @@ class ScriptedModel:
 
     def __init__(self, script, canvas_length=4, context=4096, filler=236761, **settings):
         self.args = SimpleNamespace(
-            vocab_size=262144, canvas_length=canvas_length, max_position_embeddings=context
+            vocab_size=262144,
+            canvas_length=canvas_length,
+            max_position_embeddings=context,
+            final_logit_softcapping=None,
         )
         self.generation_config = DiffusionConfig(
             **{

@@ -36,6 +36,13 @@ def test_step_stats_match_torch():
     np.testing.assert_allclose(np.array(ent), ref.entropy().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.array(probs), torch.softmax(proc, -1).numpy(), rtol=1e-6, atol=1e-7)
     assert np.array(argmax).tolist() == proc.argmax(-1).tolist()
+    # The model's softcap fused into the same pass gives the same numbers.
+    raw = logits * 3
+    capped = torch.tanh(torch.from_numpy(raw) / 30) * 30
+    fused = S.step_stats(mx.array(raw), mx.array(0.7), softcap=30.0)
+    separate = S.step_stats(mx.array(capped.numpy()), mx.array(0.7))
+    for a, b in zip(fused, separate):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7)
 
 
 def test_sample_categorical_inverts_the_cdf():
@@ -96,7 +103,7 @@ class ScriptedModel:
     """A stand-in model whose denoise returns a fixed, very peaky distribution."""
 
     def __init__(self, vocab=16, canvas=4, peaky=True, token=3):
-        self.args = SimpleNamespace(vocab_size=vocab, canvas_length=canvas)
+        self.args = SimpleNamespace(vocab_size=vocab, canvas_length=canvas, final_logit_softcapping=None)
         self.peaky, self.token, self.encoded = peaky, token, []
 
     def make_cache(self):
@@ -105,7 +112,7 @@ class ScriptedModel:
     def encode(self, ids, cache):
         self.encoded.append(ids.tolist())
 
-    def denoise(self, canvas, cache, self_conditioning_probs=None):
+    def denoise(self, canvas, cache, self_conditioning_probs=None, apply_softcap=True):
         B, C = canvas.shape
         if self.peaky:
             logits = mx.full((B, C, self.args.vocab_size), -30.0)

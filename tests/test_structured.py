@@ -49,7 +49,7 @@ def test_masked_stats_are_those_of_the_renormalised_distribution():
     logits = mx.array([[[2.0, 1.0, 0.5, -1.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]]])
     allowed = mx.array([[[True, True, False, True, False], [False, False, True, False, False]]])
     temp = mx.array(0.5)
-    probs, ent, argmax = S.masked_step_stats(logits, temp, allowed)
+    probs, ent, argmax = S.step_stats(logits, temp, allowed=allowed)
     x = np.array([2.0, 1.0, -1.0]) / 0.5
     p = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
     np.testing.assert_allclose(np.array(probs[0, 0]), [p[0], p[1], 0, p[2], 0], rtol=1e-6)
@@ -63,7 +63,7 @@ def test_an_all_allowed_mask_changes_nothing():
     logits = mx.random.normal((2, 6, 300), key=mx.random.key(0)) * 4
     temp = S.temperature(3, 4, 0.4, 0.8)
     plain = S.step_stats(logits, temp)
-    masked = S.masked_step_stats(logits, temp, mx.ones(logits.shape, dtype=mx.bool_))
+    masked = S.step_stats(logits, temp, allowed=mx.ones(logits.shape, dtype=mx.bool_))
     for a, b in zip(plain, masked):
         assert mx.array_equal(a, b).item()
 
@@ -72,7 +72,7 @@ class Uniform:
     """A model whose logits are flat: every free position has entropy ln V."""
 
     def __init__(self, vocab=50, canvas=8):
-        self.args = SimpleNamespace(vocab_size=vocab, canvas_length=canvas)
+        self.args = SimpleNamespace(vocab_size=vocab, canvas_length=canvas, final_logit_softcapping=None)
 
     def make_cache(self):
         return [SimpleNamespace(offset=0, state=mx.array(0))]
