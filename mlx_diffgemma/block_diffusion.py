@@ -8,6 +8,8 @@
 """
 
 import math
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Generator, List, Optional, Sequence, Tuple, Union
@@ -45,6 +47,36 @@ class Block:
 
 
 _step_stats = mx.compile(S.step_stats)
+_lanes = threading.local()
+
+
+def _cpu_lanes():
+    """One stream per core to split a step's vocabulary pass over, on the CPU only.
+
+    MLX runs a CPU stream's element-wise ops on one thread, and the pass over the
+    vocabulary (tanh, exp) is most of a CPU step after the matmuls; rows are independent,
+    so halves of the canvas run in parallel, bit for bit the same. Streams belong to the
+    thread that made them, hence one set per thread.
+    """
+    if mx.default_device() != mx.cpu:
+        return None
+    if not hasattr(_lanes, "streams"):
+        n = min(os.cpu_count() or 1, 4)
+        _lanes.streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(n - 1)]
+    return _lanes.streams if len(_lanes.streams) > 1 else None
+
+
+def _stats(logits, temp, cap, allowed, lanes):
+    C = logits.shape[1]
+    if lanes is None or C < len(lanes):
+        return _step_stats(logits, temp, cap, allowed)
+    cuts = [C * i // len(lanes) for i in range(len(lanes) + 1)]
+    parts = []
+    for stream, a, b in zip(lanes, cuts, cuts[1:]):
+        with mx.stream(stream):
+            part = None if allowed is None else allowed[:, a:b]
+            parts.append(_step_stats(logits[:, a:b], temp, cap, part))
+    return [mx.concatenate(p, axis=1) for p in zip(*parts)]
 _step_update = mx.compile(S.step_update)
 
 
@@ -125,6 +157,7 @@ def generate_step(
         raise ValueError(f"canvas must have shape {(B, C)}, got {tuple(canvas.shape)}.")
     eos = mx.array(config.eos_token_id or (), dtype=mx.int32)
     cap = model.args.final_logit_softcapping
+    lanes = _cpu_lanes()
 
     prefill(model, prompt, cache, prefill_step_size)
     finished = mx.zeros((B,), dtype=mx.bool_)
@@ -154,7 +187,7 @@ def generate_step(
             temp = S.temperature(n, N, config.t_min, config.t_max)
             # One pass over the vocabulary (softcap, temperature, one exp) serves sampling,
             # entropy, the stop test and self-conditioning.
-            p, ent, new_argmax = _step_stats(logits, temp, cap, allowed)
+            p, ent, new_argmax = _stats(logits, temp, cap, allowed, lanes)
             x, argmax, probs, done, history, accepted = _step_update(
                 p, ent, new_argmax, draws.sample(p), draws.noise((B, C)), x, argmax,
                 p if probs is None else probs, done, history, clamp_mask, clamp_ids,
