@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -10,6 +10,9 @@ from mlx_lm.utils import load_model as _mlx_lm_load_model
 
 from .config import DiffusionConfig
 from .model import Model, ModelArgs
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 MODEL_TYPES = ("diffusion_gemma", "diffusion_gemma_text")
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]

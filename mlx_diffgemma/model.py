@@ -5,7 +5,6 @@ pass of a canvas over [cached K/V + canvas K/V] that never writes the cache.
 Module and parameter names follow transformers' checkpoint keys so weights load 1:1.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 

@@ -99,3 +99,16 @@ def tiny_eos_checkpoint(tmp_path_factory) -> Path:
     norm[0] = 1.0
     model.model.decoder.norm.weight = norm
     return save_checkpoint(model, tmp_path_factory.mktemp("tiny") / "eos")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_checkpoint):
+    """(model, tokenizer) of `tiny_checkpoint`, loaded once."""
+    from mlx_diffgemma import load
+
+    return load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tok(tiny):
+    return tiny[1]

@@ -7,14 +7,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
-from mlx_diffgemma import PromptCache, generate, load, stream_generate
+from mlx_diffgemma import PromptCache, generate, stream_generate
 from mlx_diffgemma.cli import Output, _fit, cli, generate_command
 from mlx_diffgemma.model import Model
 
@@ -23,11 +22,6 @@ SKY = "Why is the sky blue?"
 # SPEC.md §5 / TOKENIZER.md: <bos><|turn>user\n{SKY}<turn|>\n<|turn>model\n
 SKY_CHAT_IDS = [2, 105, 2364, 107, 11355, 563, 506, 7217, 3730, 236881, 106, 107, 105, 4368, 107]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    return load(tiny_checkpoint)
 
 
 @pytest.fixture

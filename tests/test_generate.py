@@ -11,7 +11,7 @@ import pytest
 
 from mlx_diffgemma import DiffusionConfig, PromptCache, generate, load, stream_generate
 from mlx_diffgemma.generate import ineffective_settings
-from mlx_diffgemma.tokenizer import Tokenizer
+
 
 SKY = "Why is the sky blue?"
 ANSWER = "The sky looks blue because air scatters blue light the most."
@@ -78,16 +78,6 @@ class ScriptedModel:
         ids = mx.array(self.canvases[P])
         hot = mx.arange(self.args.vocab_size)[None, None] == ids[None, :, None]
         return mx.where(hot, 30.0, -30.0)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_checkpoint):
-    return Tokenizer.from_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    return load(tiny_checkpoint)
 
 
 def user(text):

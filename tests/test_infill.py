@@ -13,7 +13,6 @@ from mlx_diffgemma import (
     CanvasLayout,
     InfillTemplate,
     infill,
-    load,
     stream_generate,
     stream_infill,
 )
@@ -23,16 +22,6 @@ from mlx_diffgemma.infill import Hole
 from mlx_diffgemma.model import Model
 
 CODE = "def add(a, b):\n[[hole:6]]\n\nprint(add(1, 2))"
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    return load(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return tiny[1]
 
 
 def test_parse_splits_prefix_fixed_text_holes_and_edits(tok):

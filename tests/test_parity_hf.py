@@ -15,7 +15,7 @@ from hf_reference import HFDenoiser, build_hf_checkpoint, load_hf, run_scenario,
 from mlx_diffgemma import load_model  # noqa: E402
 from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step  # noqa: E402
 from mlx_diffgemma.cache import SlidingWindowCache  # noqa: E402
-from mlx_diffgemma.config import DiffusionConfig  # noqa: E402
+
 
 # fp32 reduction order alone gives ~1e-4 on logits of magnitude up to 30.
 TOL = 1e-3

@@ -12,7 +12,6 @@ from mlx_diffgemma import (
     generate_json,
     generate_table,
     json_template,
-    load,
     spec_from_json_schema,
     table_template,
     validate_json,
@@ -21,7 +20,7 @@ from mlx_diffgemma import (
 from mlx_diffgemma import sampler as S
 from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step
 from mlx_diffgemma.config import DiffusionConfig
-from mlx_diffgemma.infill import Hole
+
 from mlx_diffgemma.structured import token_class
 
 SPEC = {
@@ -30,16 +29,6 @@ SPEC = {
     "tags": ["string:3", "boolean"],
     "address": {"city": "string:4", "zip": "string:2"},
 }
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    return load(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return tiny[1]
 
 
 # --- the sampler math ------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_diffgemma import load, stream_generate
+from mlx_diffgemma import stream_generate
 from mlx_diffgemma import sudoku as S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,11 +122,6 @@ def test_load_puzzles_reads_kaggle_csv(tmp_path):
     (tmp_path / "short.csv").write_text(f"puzzle,solution\n{PUZZLE[:80]},{SOLUTION}\n")
     with pytest.raises(ValueError, match="data row 1: A Sudoku grid needs 81 digits"):
         S.load_puzzles(tmp_path / "short.csv")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    return load(tiny_checkpoint)
 
 
 def test_prompts(tiny):
