@@ -35,13 +35,13 @@ Subprocess use
 --------------
 mlx-vlm 0.7.10 can share a venv with mlx 0.32.4 / mlx-lm 0.32.2 / transformers 5.24 / torch
 2.13: pip resolves the set with no conflicts. But it pulls in opencv, pyarrow, pandas, datasets,
-scipy, fastapi and mlx-audio, so the project keeps it in its own venv (``/work/venv-peer``).
+scipy, fastapi and mlx-audio, so the project keeps it in its own venv (see benchmarks/README.md).
 For that case this file is also a script. ``run_peer_subprocess`` runs it under another
 interpreter: it sends the request as JSON on stdin, and the script prints one line
 ``PEERS_RESULT_JSON: {...}`` on stdout.
 
     from benchmarks.peers import run_peer_subprocess
-    res = run_peer_subprocess("mlx_vlm", "/work/venv-peer/bin/python", model_path, ids,
+    res = run_peer_subprocess("mlx_vlm", "../venv-peer/bin/python", model_path, ids,
                               max_new_tokens=256, max_denoising_steps=48, seed=0, openblas=True)
 
 On the Linux CPU box, float32 matmuls in MLX are about 50x faster with OpenBLAS preloaded (see
@@ -592,7 +592,7 @@ def run_peer_subprocess(
     timeout: Optional[float] = None,
     **kwargs,
 ) -> Dict[str, Any]:
-    """Run ``run_<peer>`` under another interpreter (e.g. /work/venv-peer/bin/python).
+    """Run ``run_<peer>`` under another interpreter (e.g. a separate venv for mlx-vlm).
 
     ``kwargs`` are the runner's keyword arguments (max_new_tokens, max_denoising_steps, seed, ...).
     The child's stderr passes through, and a non-zero exit raises RuntimeError.
