@@ -193,29 +193,22 @@ class CanvasLayout:
         part = list(values[block * C : (block + 1) * C])
         return mx.array([part + [fill] * (C - len(part))])
 
+    def _per_canvas(self, flags, canvases: int, C: int):
+        # Per canvas None (no flagged position) or (mask, ids), each (1, C).
+        return [
+            (self._block(flags, b, C, False), self._block(self.ids, b, C, 0))
+            if any(flags[b * C : (b + 1) * C])
+            else None
+            for b in range(canvases)
+        ]
+
     def clamps(self, canvases: int, C: int) -> List[Optional[Tuple[mx.array, mx.array]]]:
         """`generate_step`'s clamps: per canvas None or (mask, ids), each (1, C)."""
-        out = []
-        for b in range(canvases):
-            fixed = self.fixed[b * C : (b + 1) * C]
-            out.append(
-                (self._block(self.fixed, b, C, False), self._block(self.ids, b, C, 0))
-                if any(fixed)
-                else None
-            )
-        return out
+        return self._per_canvas(self.fixed, canvases, C)
 
     def seeds(self, canvases: int, C: int) -> List[Optional[Tuple[mx.array, mx.array]]]:
         """Per canvas None or (mask, ids), each (1, C): where the canvas starts from `ids`."""
-        out = []
-        for b in range(canvases):
-            seeded = self.seeded[b * C : (b + 1) * C]
-            out.append(
-                (self._block(self.seeded, b, C, False), self._block(self.ids, b, C, 0))
-                if any(seeded)
-                else None
-            )
-        return out
+        return self._per_canvas(self.seeded, canvases, C)
 
     def classes(self, canvases: int, C: int):
         """`generate_step`'s (token_masks, token_classes), or (None, ()) without classes.
