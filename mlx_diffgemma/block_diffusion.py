@@ -206,11 +206,10 @@ def generate_step(
             # The one host sync per step: the stop test, and whether every row has
             # emitted EOS if this is the canvas's last step.
             step_syncs += 1
-            eos_seen = S.pad_after_eos(argmax, eos, config.pad_token_id)[1]
-            stop, ended = mx.stack([mx.all(done), mx.all(finished | eos_seen)]).tolist()
+            tokens, has_eos = S.pad_after_eos(argmax, eos, config.pad_token_id)
+            stop, ended = mx.stack([mx.all(done), mx.all(finished | has_eos)]).tolist()
             if stop:
                 break
-        tokens, has_eos = S.pad_after_eos(argmax, eos, config.pad_token_id)
         # Rows that ended in an earlier canvas get a canvas of pad.
         tokens = mx.where(finished[:, None], config.pad_token_id, tokens)
         finished = finished | has_eos
