@@ -1,22 +1,27 @@
 """The block-diffusion loop on token ids (transformers' `DiffusionGemmaGenerationMixin.generate`).
 
 1. a. encode the prompt (then each appended canvas) into the cache;
-   b. start a canvas from uniform random ids;
-   c. per denoising step: denoise, temperature, sample, argmax, entropy-bound accept,
-      renoise the rest, stable-and-confident stop;
+   b. start a canvas from uniform random ids (fixed and seeded ids from a `CanvasLayout`);
+   c. per denoising step: denoise, temperature, sample, argmax, accept (entropy bound by
+      default), renoise the rest, stable-and-confident stop;
    d. append the argmax canvas; e. pad after EOS and stop when every row has ended.
+
+The work runs on a stream of its own (as mlx-lm's `generation_stream`), one per thread
+and device, so a generation may run from any thread and leaves the caller's default
+stream alone.
 """
 
+import functools
 import math
 import os
-import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Generator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Generator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 
 from . import sampler as S
+from .canvas import CanvasLayout, CanvasPlan, check_token_ids
 from .config import DiffusionConfig
 
 
@@ -39,6 +44,7 @@ class Block:
     tokens: mx.array  # (B, C) argmax canvas, pad after the first EOS
     steps: int  # denoising steps run on this canvas
     finished: mx.array  # (B,) bool, rows that have emitted EOS
+    eos_index: Tuple[int, ...]  # per row, the first EOS in `tokens`; -1 for none
     decoder_forwards: mx.array  # (B,) int, counted as transformers' tokens_per_forward does
     encode_seconds: float  # re-encoding the previous canvas into the cache
     denoise_seconds: float  # this canvas's denoising steps
@@ -46,24 +52,35 @@ class Block:
     encode_syncs: int  # waits for re-encoded canvases so far: one per canvas after the first
 
 
+_streams = {}
+
+
+def generation_stream() -> mx.ThreadLocalStream:
+    """The stream generation runs on: one per device, unique per thread (as mlx-lm's)."""
+    device = mx.default_device()
+    if str(device) not in _streams:
+        _streams[str(device)] = mx.new_thread_local_stream(device)
+    return _streams[str(device)]
+
+
 _step_stats = mx.compile(S.step_stats)
-_lanes = threading.local()
+_lane_streams = []
 
 
-def _cpu_lanes():
-    """One stream per core to split a step's vocabulary pass over, on the CPU only.
+def _cpu_lanes(stream):
+    """Streams to split a step's vocabulary pass over, on the CPU only.
 
     MLX runs a CPU stream's element-wise ops on one thread, and the pass over the
     vocabulary (tanh, exp) is most of a CPU step after the matmuls; rows are independent,
-    so halves of the canvas run in parallel, bit for bit the same. Streams belong to the
-    thread that made them, hence one set per thread.
+    so halves of the canvas run in parallel, bit for bit the same. The extra streams are
+    thread-local, like the generation stream, so any thread may generate.
     """
-    if mx.default_device() != mx.cpu:
+    if stream.device != mx.cpu:
         return None
-    if not hasattr(_lanes, "streams"):
-        n = min(os.cpu_count() or 1, 4)
-        _lanes.streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(n - 1)]
-    return _lanes.streams if len(_lanes.streams) > 1 else None
+    n = min(os.cpu_count() or 1, 4)
+    while len(_lane_streams) < n - 1:
+        _lane_streams.append(mx.new_thread_local_stream(mx.cpu))
+    return [stream] + _lane_streams[: n - 1] if n > 1 else None
 
 
 def _stats(logits, temp, cap, allowed, lanes):
@@ -77,36 +94,31 @@ def _stats(logits, temp, cap, allowed, lanes):
             part = None if allowed is None else allowed[:, a:b]
             parts.append(_step_stats(logits[:, a:b], temp, cap, part))
     return [mx.concatenate(p, axis=1) for p in zip(*parts)]
-_step_update = mx.compile(S.step_update)
 
 
-def _clamp(clamps, block, shape, dtype):
-    clamp = clamps[block] if block < len(clamps) else None
-    if clamp is None:
-        return mx.zeros(shape, dtype=mx.bool_), mx.zeros(shape, dtype=dtype)
-    mask, ids = clamp
-    if mask.shape != shape or ids.shape != shape:
-        raise ValueError(f"Clamp mask and ids must have shape {shape}, got {mask.shape} and {ids.shape}.")
-    return mask.astype(mx.bool_), ids.astype(dtype)
-
-
-def _allowed(token_masks, token_classes, block, shape):
-    classes = token_classes[block] if block < len(token_classes) else None
-    if classes is None:
-        return None
-    if token_masks is None:
-        raise ValueError("token_classes index token_masks; pass token_masks (K, V) as well.")
-    if classes.shape != shape:
-        raise ValueError(f"token_classes must have shape {shape}, got {classes.shape}.")
-    # (B, C, V) bool, gathered once per canvas rather than at every step.
-    return mx.take(token_masks.astype(mx.bool_), classes.astype(mx.int32), axis=0)
+@functools.lru_cache(maxsize=32)
+def _compiled_update(accept: S.Accept, confidence_threshold: float):
+    # One compiled step per (rule, threshold); equal frozen rules share it.
+    return mx.compile(
+        functools.partial(
+            S.step_update, accept=accept, confidence_threshold=confidence_threshold
+        )
+    )
 
 
 def prefill(model, prompt: mx.array, cache: List[Any], step_size: int = 512) -> None:
-    """Encode `prompt` (B, L) in chunks; chunking is exact (see SlidingWindowCache)."""
-    for i in range(0, prompt.shape[1], step_size):
-        model.encode(prompt[:, i : i + step_size], cache)
-        mx.eval([c.state for c in cache])
+    """Encode `prompt` (B, L) in chunks; chunking is exact (see SlidingWindowCache).
+
+    Raises:
+        ValueError: an id of `prompt` is outside the model's vocabulary.
+    """
+    check_token_ids(prompt, model.args.vocab_size, "Prompt token id")
+    with mx.stream(generation_stream()):
+        for i in range(0, prompt.shape[1], step_size):
+            model.encode(prompt[:, i : i + step_size], cache)
+            mx.eval([c.state for c in cache])
+    # The prompt's activations have shapes the canvases never reuse.
+    mx.clear_cache()
 
 
 def generate_step(
@@ -117,10 +129,8 @@ def generate_step(
     cache: Optional[List[Any]] = None,
     key: Optional[mx.array] = None,
     draws: Optional[Any] = None,
-    canvas: Optional[mx.array] = None,
-    clamps: Sequence[Optional[Tuple[mx.array, mx.array]]] = (),
-    token_masks: Optional[mx.array] = None,
-    token_classes: Sequence[Optional[mx.array]] = (),
+    layout: Optional[CanvasLayout] = None,
+    accept: Optional[S.Accept] = None,
     drafts: bool = False,
     prefill_step_size: int = 512,
 ) -> Generator[Union[DenoiseStep, Block], None, None]:
@@ -135,88 +145,125 @@ def generate_step(
             On return it holds the prompt and every canvas but the last.
         key: `mx.random.key` for all random draws; or pass `draws` (an object with
             `initial_canvas(shape)`, `noise(shape)`, `sample(probs)`), e.g. to replay.
-        canvas: (B, C) starting canvas of the first block instead of random ids.
-        clamps: per block, None or `(mask, ids)`, both (B, C): positions whose ids are
-            fixed. They start as `ids`, are never renoised or resampled, are always
-            accepted and appear as is in the output; the rest denoises as usual.
-        token_masks: (K, V) bool, rows of allowed tokens for `token_classes`.
-        token_classes: per block, None (no limit) or (B, C) int: the row of `token_masks`
-            each position samples from. The logits of other tokens are -inf before the
-            temperature, so sampling, argmax, entropy and the stop test all use the
-            restricted distribution. Each row must allow at least one token.
+            Each canvas draws its random start even where a layout fixes or seeds it, so
+            a layout changes no other draw.
+        layout: fixed, seeded and token-limited output positions, shared by every row
+            (see `CanvasLayout`); None for none.
+        accept: the acceptance rule (see `sampler.Accept`); defaults to
+            `sampler.make_accept(config)`, transformers' entropy bound.
         drafts: also yield every denoising step.
+        prefill_step_size: prompt tokens encoded per chunk.
+
+    Raises:
+        ValueError: both or neither of key and draws, a prompt id outside the vocabulary,
+            or a layout that does not fit the model or `config.max_new_tokens`.
     """
     if (key is None) == (draws is None):
         raise ValueError("Pass exactly one of key or draws.")
+    if layout is not None:
+        layout.check(model.args.vocab_size, config.max_new_tokens)
+    C = model.args.canvas_length
     draws = draws or S.RandomDraws(key, model.args.vocab_size)
     cache = model.make_cache() if cache is None else cache
-    B = prompt.shape[0]
-    C = model.args.canvas_length
-    N = config.max_denoising_steps
-    if canvas is not None and canvas.shape != (B, C):
-        raise ValueError(f"canvas must have shape {(B, C)}, got {tuple(canvas.shape)}.")
-    eos = mx.array(config.eos_token_id or (), dtype=mx.int32)
-    cap = model.args.final_logit_softcapping
-    lanes = _cpu_lanes()
-
+    loop = _Loop(model, config, draws, accept or S.make_accept(config), prompt.shape[0])
     prefill(model, prompt, cache, prefill_step_size)
-    finished = mx.zeros((B,), dtype=mx.bool_)
-    forwards = mx.zeros((B,), dtype=mx.int32)
-    step_syncs = encode_syncs = 0
-    last = None
     for block in range(math.ceil(config.max_new_tokens / C)):
+        plan = CanvasPlan.free(C) if layout is None else layout.plan(block, C)
+        yield (yield from loop.canvas(block, plan, cache, drafts))
+        if loop.ended:
+            break
+
+
+class _Loop:
+    """One generation's denoising loop and the counters its `Block`s report."""
+
+    def __init__(self, model, config: DiffusionConfig, draws, accept: S.Accept, batch: int):
+        self.model, self.config, self.draws = model, config, draws
+        self.update = _compiled_update(accept, config.confidence_threshold)
+        self.stream = generation_stream()
+        self.lanes = _cpu_lanes(self.stream)
+        self.eos = mx.array(config.eos_token_id or (), dtype=mx.int32)
+        self.finished = mx.zeros((batch,), dtype=mx.bool_)
+        self.forwards = mx.zeros((batch,), dtype=mx.int32)
+        self.step_syncs = self.encode_syncs = 0
+        self.ended = False  # every row has emitted EOS (as of the last sync)
+        self.last: Optional[mx.array] = None  # the previous canvas, not yet encoded
+
+    def encode_last(self, cache) -> float:
+        """Re-encode the previous canvas at the positions the decoder used; seconds."""
         tic = time.perf_counter()
-        if last is not None:
-            # Re-encode the appended canvas at the positions the decoder used.
-            model.encode(last, cache)
-            mx.eval([c.state for c in cache])
-            encode_syncs += 1
-        encode_s = time.perf_counter() - tic
-        tic = time.perf_counter()
-        x = canvas if block == 0 and canvas is not None else draws.initial_canvas((B, C))
-        clamp_mask, clamp_ids = _clamp(clamps, block, (B, C), x.dtype)
-        x = mx.where(clamp_mask, clamp_ids, x)
-        allowed = _allowed(token_masks, token_classes, block, (B, C))
-        argmax, probs = x, None
-        history = [mx.full((B, C), -1, dtype=x.dtype)] * config.stability_threshold
-        done = mx.zeros((B,), dtype=mx.bool_)
-        logits = model.denoise(x, cache, apply_softcap=False)
-        steps = 0
-        for n in range(N, 0, -1):
-            forwards = forwards + (~(done | finished)).astype(mx.int32)
-            temp = S.temperature(n, N, config.t_min, config.t_max)
+        if self.last is not None:
+            # What the last canvas allocated (attention over a shorter cache, a K/V
+            # buffer before it grew) has shapes the next one does not reuse.
+            mx.clear_cache()
+            with mx.stream(self.stream):
+                self.model.encode(self.last, cache)
+                mx.eval([c.state for c in cache])
+            self.encode_syncs += 1
+        return time.perf_counter() - tic
+
+    def start(self, plan: CanvasPlan, cache):
+        """The first state of a canvas and its first forward's logits."""
+        k = self.config.stability_threshold
+        x = plan.start(self.draws.initial_canvas((self.finished.shape[0], plan.ids.shape[1])))
+        blank = mx.full(x.shape, -1, dtype=x.dtype)
+        done = mx.zeros(self.finished.shape, dtype=mx.bool_)
+        state = S.StepState(x, x, None, done, (blank,) * k, plan.fixed, plan.ids.astype(x.dtype))
+        with mx.stream(self.stream):
+            return state, self.model.denoise(x, cache, apply_softcap=False)
+
+    def step(self, state: S.StepState, logits, allowed, n: int):
+        """Build denoising step `n` (steps left) from `logits`: (next state, accepted)."""
+        cfg = self.config
+        with mx.stream(self.stream):
+            self.forwards = self.forwards + (~(state.done | self.finished)).astype(mx.int32)
+            temp = S.temperature(n, cfg.max_denoising_steps, cfg.t_min, cfg.t_max)
             # One pass over the vocabulary (softcap, temperature, one exp) serves sampling,
             # entropy, the stop test and self-conditioning.
-            p, ent, new_argmax = _stats(logits, temp, cap, allowed, lanes)
-            x, argmax, probs, done, history, accepted = _step_update(
-                p, ent, new_argmax, draws.sample(p), draws.noise((B, C)), x, argmax,
-                p if probs is None else probs, done, history, clamp_mask, clamp_ids,
-                config.entropy_bound, config.confidence_threshold,
-            )
-            steps += 1
-            mx.async_eval(x, argmax, probs, done, forwards)
+            cap = self.model.args.final_logit_softcapping
+            p, ent, argmax = _stats(logits, temp, cap, allowed, self.lanes)
+            proposal = S.Proposal(p, ent, argmax, self.draws.sample(p), mx.array(n, mx.int32))
+            state = state if state.probs is not None else state._replace(probs=p)
+            return self.update(state, proposal, self.draws.noise(state.canvas.shape))
+
+    def sync(self, state: S.StepState):
+        """The one host sync per step: (tokens, first EOS, canvas stopped, every row ended)."""
+        with mx.stream(self.stream):
+            tokens, first = S.pad_after_eos(state.argmax, self.eos, self.config.pad_token_id)
+            first = mx.where(self.finished, -1, first)  # rows that ended get a canvas of pad
+            ended = mx.all(self.finished | (first >= 0))
+            flags = mx.concatenate([mx.stack([mx.all(state.done), ended]).astype(mx.int32), first])
+        stop, ended, *eos_index = flags.tolist()
+        self.step_syncs += 1
+        self.ended = bool(ended)
+        return tokens, first, eos_index, bool(stop)
+
+    def canvas(self, block: int, plan: CanvasPlan, cache, drafts: bool):
+        """Denoise one canvas; yields its `DenoiseStep`s if `drafts`, returns its `Block`."""
+        encode_s = self.encode_last(cache)
+        tic = time.perf_counter()
+        state, logits = self.start(plan, cache)
+        N = self.config.max_denoising_steps
+        for n in range(N, 0, -1):
+            state, accepted = self.step(state, logits, plan.allowed, n)
+            mx.async_eval(state.canvas, state.argmax, state.probs, state.done, self.forwards)
             # Build the next step's forward while this one runs; it is only evaluated
             # (and its random draws made) if the stop test below says to go on.
             if n > 1:
-                logits = model.denoise(
-                    x, cache, self_conditioning_probs=probs, apply_softcap=False
-                )
+                with mx.stream(self.stream):
+                    logits = self.model.denoise(
+                        state.canvas, cache, self_conditioning_probs=state.probs,
+                        apply_softcap=False,
+                    )
             if drafts:
-                yield DenoiseStep(block, steps, argmax, accepted, x)
-            # The one host sync per step: the stop test, and whether every row has
-            # emitted EOS if this is the canvas's last step.
-            step_syncs += 1
-            tokens, has_eos = S.pad_after_eos(argmax, eos, config.pad_token_id)
-            stop, ended = mx.stack([mx.all(done), mx.all(finished | has_eos)]).tolist()
+                yield DenoiseStep(block, N - n + 1, state.argmax, accepted, state.canvas)
+            tokens, first, eos_index, stop = self.sync(state)
             if stop:
                 break
-        # Rows that ended in an earlier canvas get a canvas of pad.
-        tokens = mx.where(finished[:, None], config.pad_token_id, tokens)
-        finished = finished | has_eos
-        last = tokens
-        denoise_s = time.perf_counter() - tic
-        yield Block(
-            block, tokens, steps, finished, forwards, encode_s, denoise_s, step_syncs, encode_syncs
+        tokens = mx.where(self.finished[:, None], self.config.pad_token_id, tokens)
+        self.finished = self.finished | (first >= 0)
+        self.last = tokens
+        return Block(
+            block, tokens, N - n + 1, self.finished, tuple(eos_index), self.forwards, encode_s,
+            time.perf_counter() - tic, self.step_syncs, self.encode_syncs,
         )
-        if ended:
-            break

@@ -3,20 +3,25 @@
 `stream_generate` maps the token-level events of `block_diffusion.generate_step` to text:
 one "commit" response per canvas (and one "draft" per denoising step when asked), the
 thinking block split from the answer, the output trimmed to `max_tokens`. A `PromptCache`
-carries a conversation from one call to the next. A `CanvasLayout` fixes, seeds or limits
-output positions (infill, structured output, puzzles).
+carries a conversation from one call to the next. A `CanvasLayout` (from the token layer,
+`canvas.py`) fixes, seeds or limits output positions (infill, structured output, puzzles).
+
+As mlx-lm's `stream_generate`, a generation runs under `wired_limit`: on Metal the
+model's weights stay wired in memory for its duration (a no-op elsewhere).
 """
 
 import math
+import numbers
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
+from mlx_lm.generate import wired_limit
 
-from . import sampler as S
-from .block_diffusion import DenoiseStep, generate_step, prefill
+from .block_diffusion import Block, DenoiseStep, generate_step, generation_stream, prefill
+from .canvas import CanvasLayout, check_token_ids
 from .config import DiffusionConfig
 from .tokenizer import split_thinking
 
@@ -49,15 +54,19 @@ class GenerationResponse:
         prompt_tokens: tokens encoded before denoising (for a cached conversation, only
             the new ones).
         prompt_tps: prompt tokens per second.
-        generation_tokens: tokens committed so far.
-        generation_tps: committed tokens per second since the prompt was encoded.
+        generation_tokens: output tokens so far: the `token_ids` of the commits so far,
+            together (trimmed to max_tokens, EOS excluded).
+        generation_tps: generation_tokens per second since the prompt was encoded.
         canvases: canvases committed so far.
         denoising_steps: steps run on each committed canvas.
-        tokens_per_forward: non-pad canvas tokens per decoder forward, as transformers
-            counts it (whole canvases, EOS included, before max_tokens trimming).
+        tokens_per_forward: generation_tokens / decoder_forwards: output tokens per
+            decoder forward. (transformers' `tokens_per_forward` counts whole canvases
+            instead, EOS included, before any trimming; the token-level `Block`s give it.)
         peak_memory: peak memory in GB.
         seed: the seed of all random draws (drawn at random when none was given).
         finish_reason: on the last response only: "stop" (EOS) or "length".
+        decoder_forwards: decoder forwards (denoising steps) run so far; each is a pass
+            over a whole canvas.
     """
 
     kind: str
@@ -79,6 +88,7 @@ class GenerationResponse:
     peak_memory: float
     seed: int
     finish_reason: Optional[str] = None
+    decoder_forwards: int = 0
 
 
 class PromptCache:
@@ -137,109 +147,6 @@ class PromptCache:
             return
         n = offsets.pop()
         self.tokens, self.pending = conversation[:n], conversation[n:]
-
-
-@dataclass(frozen=True)
-class CanvasLayout:
-    """What the output positions hold before denoising, from the first output token on.
-
-    Fixed positions are clamped: they start as their id, are never renoised or
-    resampled, are always accepted, use none of the entropy bound, and appear as is in
-    the output. Seeded positions start as their id instead of random noise and then
-    denoise like any other (a warm start: after the first step the seed survives only
-    where it is accepted). A position with a token class samples only from that row of
-    `token_masks`. Positions past the end of the layout are free.
-
-    Attributes:
-        ids: per position, the fixed or seed token id (ignored at free positions).
-        fixed: per position, True where the id is clamped.
-        seeded: per position, True where the canvas starts from the id; () for none.
-        token_class: per position, a row of `token_masks`, or -1 for no limit; () for none.
-        token_masks: (K, V) bool, the allowed tokens of each class; None without classes.
-    """
-
-    ids: Tuple[int, ...]
-    fixed: Tuple[bool, ...]
-    seeded: Tuple[bool, ...] = ()
-    token_class: Tuple[int, ...] = ()
-    token_masks: Optional[mx.array] = None
-
-    def __post_init__(self):
-        n = len(self.ids)
-        for name in ("fixed", "seeded", "token_class"):
-            value = tuple(getattr(self, name))
-            object.__setattr__(self, name, value)
-            if value and len(value) != n:
-                raise ValueError(f"CanvasLayout.{name} has {len(value)} entries; ids has {n}.")
-        object.__setattr__(self, "ids", tuple(int(i) for i in self.ids))
-        if any(f and s for f, s in zip(self.fixed, self.seeded)):
-            raise ValueError("A CanvasLayout position cannot be both fixed and seeded.")
-        if self.token_class and any(c >= 0 for c in self.token_class):
-            if self.token_masks is None or self.token_masks.ndim != 2:
-                raise ValueError("token_class needs token_masks, a (K, V) bool array.")
-            if max(self.token_class) >= self.token_masks.shape[0]:
-                raise ValueError(
-                    f"token_class {max(self.token_class)} is out of range for "
-                    f"{self.token_masks.shape[0]} token_masks rows."
-                )
-            empty = (~mx.any(self.token_masks, axis=1)).tolist()
-            if any(empty):
-                raise ValueError(f"token_masks row {empty.index(True)} allows no token.")
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _block(self, values, block: int, C: int, fill):
-        part = list(values[block * C : (block + 1) * C])
-        return mx.array([part + [fill] * (C - len(part))])
-
-    def _per_canvas(self, flags, canvases: int, C: int):
-        # Per canvas None (no flagged position) or (mask, ids), each (1, C).
-        return [
-            (self._block(flags, b, C, False), self._block(self.ids, b, C, 0))
-            if any(flags[b * C : (b + 1) * C])
-            else None
-            for b in range(canvases)
-        ]
-
-    def clamps(self, canvases: int, C: int) -> List[Optional[Tuple[mx.array, mx.array]]]:
-        """`generate_step`'s clamps: per canvas None or (mask, ids), each (1, C)."""
-        return self._per_canvas(self.fixed, canvases, C)
-
-    def seeds(self, canvases: int, C: int) -> List[Optional[Tuple[mx.array, mx.array]]]:
-        """Per canvas None or (mask, ids), each (1, C): where the canvas starts from `ids`."""
-        return self._per_canvas(self.seeded, canvases, C)
-
-    def classes(self, canvases: int, C: int):
-        """`generate_step`'s (token_masks, token_classes), or (None, ()) without classes.
-
-        An all-allowed row is appended for the positions with no limit.
-        """
-        if not self.token_class or all(c < 0 for c in self.token_class):
-            return None, ()
-        K, V = self.token_masks.shape
-        masks = mx.concatenate([self.token_masks.astype(mx.bool_), mx.ones((1, V), mx.bool_)])
-        classes = [c if c >= 0 else K for c in self.token_class]
-        out = []
-        for b in range(canvases):
-            limited = any(c >= 0 for c in self.token_class[b * C : (b + 1) * C])
-            out.append(self._block(classes, b, C, K) if limited else None)
-        return masks, out
-
-
-class _SeededDraws(S.RandomDraws):
-    """Random draws whose canvas `b` starts from `seeds[b]` (mask, ids) where given."""
-
-    def __init__(self, key, vocab_size, seeds):
-        super().__init__(key, vocab_size)
-        self.seeds = list(seeds)
-        self.block = 0
-
-    def initial_canvas(self, shape):
-        x = super().initial_canvas(shape)  # drawn anyway: the other draws stay as unseeded
-        seed = self.seeds[self.block] if self.block < len(self.seeds) else None
-        self.block += 1
-        return x if seed is None else mx.where(seed[0], seed[1].astype(x.dtype), x)
 
 
 def resolve_config(
@@ -374,6 +281,13 @@ class _ThinkingSplit:
         return out
 
 
+def check_seed(seed) -> int:
+    """`seed` as an int, or ValueError: every random draw comes from `mx.random.key(seed)`."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer from 0 to {2**32 - 1} (2**32 - 1); got {seed!r}.")
+    return int(seed)
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -402,7 +316,8 @@ def stream_generate(
             With a `prompt_cache` that holds a conversation, give only the new messages.
         max_tokens: output tokens at most; defaults to the checkpoint's `max_new_tokens`.
         config: sampler settings; defaults to the checkpoint's (`model.generation_config`).
-        seed: seed of all random draws; drawn at random (and reported) if None.
+        seed: seed of all random draws, 0 to 2**32 - 1; drawn at random (and reported)
+            if None.
         drafts: also yield the argmax canvas after every denoising step.
         prompt_cache: a `PromptCache` to continue and update; a fresh one if None.
         enable_thinking: chat messages only: ask for a thinking block (first turn).
@@ -417,35 +332,52 @@ def stream_generate(
         `GenerationResponse`s.
 
     Raises:
-        ValueError: empty prompt, invalid setting, prompt and canvases longer than the
-            model's context, or a layout longer than `max_tokens`.
+        ValueError: empty prompt, a token id outside the vocabulary, invalid seed or
+            setting, prompt and canvases longer than the model's context, or a layout
+            longer than `max_tokens` or not fitting the model.
     """
     if layout is not None and max_tokens is None:
         max_tokens = len(layout)
     config = resolve_config(model, config, max_tokens, **settings)
-    if layout is not None and len(layout) > config.max_new_tokens:
-        raise ValueError(
-            f"The layout has {len(layout)} positions but max_tokens is "
-            f"{config.max_new_tokens}; raise max_tokens or leave it unset."
-        )
+    seed = secrets.randbits(31) if seed is None else check_seed(seed)
     cache = prompt_cache if prompt_cache is not None else PromptCache(model)
+    # Every check before the first encode: a refused call leaves the cache as it was.
+    if layout is not None:
+        layout.check(model.args.vocab_size, config.max_new_tokens)
     cache._check()
     new = cache.pending + _prompt_ids(tokenizer, prompt, cache, enable_thinking)
+    check_token_ids(new, model.args.vocab_size, "Prompt token id")
     _check_context(model, cache, len(new), config)
-    seed = secrets.randbits(31) if seed is None else seed
-    C = model.args.canvas_length
-    n_canvases = math.ceil(config.max_new_tokens / C)
-    eos = set(config.eos_token_id or ())
-    pad = config.pad_token_id
-    conversation = cache.tokens + new  # plus the committed tokens, as they come
+    with wired_limit(model, [generation_stream()]):
+        yield from _stream(model, tokenizer, cache, new, config, seed, layout, drafts)
 
-    detok = tokenizer.detokenizer()
-    split = _ThinkingSplit()
-    n_out, non_pad, forwards, steps = 0, 0, 0, []
 
-    def response(kind, block, step, text="", thinking="", ids=(), draft=None, finish=None):
-        elapsed = time.perf_counter() - gen_start
-        tokens, accepted = draft or (None, None)
+class _Stats:
+    """The running statistics of one call, and the responses that report them."""
+
+    def __init__(self, tokenizer, prompt_tokens: int, seed: int):
+        self.tokenizer, self.prompt_tokens, self.seed = tokenizer, prompt_tokens, seed
+        self.prompt_tps, self.start = 0.0, time.perf_counter()
+        self.n_out, self.forwards, self.steps = 0, 0, []
+
+    def prompt_done(self, tic: float):
+        self.start = time.perf_counter()
+        self.prompt_tps = self.prompt_tokens / (self.start - tic)
+
+    def add(self, block: Block, kept: int):
+        self.steps.append(block.steps)
+        self.forwards = block.decoder_forwards[0].item()
+        self.n_out += kept
+
+    def draft(self, ev: DenoiseStep) -> GenerationResponse:
+        tokens, accepted = tuple(ev.argmax[0].tolist()), tuple(ev.accepted[0].tolist())
+        draft = (self.tokenizer.decode(tokens), tokens, accepted)
+        return self.response("draft", ev.block, ev.step, draft=draft)
+
+    def response(
+        self, kind, block, step, text="", thinking="", ids=(), finish=None, draft=(None,) * 3
+    ) -> GenerationResponse:
+        elapsed = time.perf_counter() - self.start
         return GenerationResponse(
             kind=kind,
             text=text,
@@ -453,69 +385,61 @@ def stream_generate(
             token_ids=tuple(ids),
             block_index=block,
             step=step,
-            draft_text=None if draft is None else tokenizer.decode(tokens),
-            draft_tokens=tokens,
-            draft_accepted=accepted,
-            prompt_tokens=len(new),
-            prompt_tps=prompt_tps,
-            generation_tokens=n_out,
-            generation_tps=n_out / elapsed if elapsed > 0 else 0.0,
-            canvases=len(steps),
-            denoising_steps=tuple(steps),
-            tokens_per_forward=non_pad / forwards if forwards else 0.0,
+            draft_text=draft[0],
+            draft_tokens=draft[1],
+            draft_accepted=draft[2],
+            prompt_tokens=self.prompt_tokens,
+            prompt_tps=self.prompt_tps,
+            generation_tokens=self.n_out,
+            generation_tps=self.n_out / elapsed if elapsed > 0 else 0.0,
+            canvases=len(self.steps),
+            denoising_steps=tuple(self.steps),
+            tokens_per_forward=self.n_out / self.forwards if self.forwards else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
-            seed=seed,
+            seed=self.seed,
             finish_reason=finish,
+            decoder_forwards=self.forwards,
         )
 
+
+def _kept(block: Block, budget: int, last_canvas: bool) -> Tuple[int, Optional[str]]:
+    """How many of a canvas's tokens the output keeps (up to EOS and `budget`), and the
+    finish reason if this canvas ends the output."""
+    stop = block.eos_index[0]
+    if 0 <= stop <= budget:
+        return stop, "stop"
+    return budget, "length" if stop >= 0 or last_canvas else None
+
+
+def _stream(model, tokenizer, cache: PromptCache, new, config, seed, layout, drafts):
+    """`stream_generate` once its arguments are checked."""
+    n_canvases = math.ceil(config.max_new_tokens / model.args.canvas_length)
+    conversation = cache.tokens + new  # plus the committed tokens, as they come
+    detok, split = tokenizer.detokenizer(), _ThinkingSplit()
+    stats = _Stats(tokenizer, len(new), seed)
     mx.reset_peak_memory()
     events = None
     try:
         tic = time.perf_counter()
         prefill(model, mx.array([new], dtype=mx.int32), cache.layers)
-        gen_start = time.perf_counter()
-        prompt_tps = len(new) / (gen_start - tic)
-        key, draws, canvas = mx.random.key(seed), None, {}
-        if layout is not None:
-            seeds = layout.seeds(n_canvases, C)
-            if any(s is not None for s in seeds):
-                key, draws = None, _SeededDraws(key, model.args.vocab_size, seeds)
-            masks, classes = layout.classes(n_canvases, C)
-            canvas = dict(
-                clamps=layout.clamps(n_canvases, C), token_masks=masks, token_classes=classes
-            )
+        stats.prompt_done(tic)
         events = generate_step(
             mx.zeros((1, 0), dtype=mx.int32),  # the prompt is in the cache already
-            model,
-            config=config,
-            cache=cache.layers,
-            key=key,
-            draws=draws,
-            drafts=drafts,
-            **canvas,
+            model, config=config, cache=cache.layers, key=mx.random.key(seed),
+            layout=layout, drafts=drafts,
         )
         for ev in events:
             if isinstance(ev, DenoiseStep):
-                draft = (tuple(ev.argmax[0].tolist()), tuple(ev.accepted[0].tolist()))
-                yield response("draft", ev.block, ev.step, draft=draft)
+                yield stats.draft(ev)
                 continue
-            block = ev.tokens[0].tolist()
-            steps.append(ev.steps)
-            non_pad += sum(t != pad for t in block)
-            forwards = ev.decoder_forwards[0].item()
-            stop = next((i for i, t in enumerate(block) if t in eos), None)
-            budget = config.max_new_tokens - n_out
-            keep = block[: budget if stop is None else min(stop, budget)]
-            finish = None
-            if stop is not None and stop <= budget:
-                finish = "stop"
-            elif stop is not None or ev.block + 1 >= n_canvases:
-                finish = "length"
-            n_out += len(keep)
+            budget = config.max_new_tokens - stats.n_out
+            n, finish = _kept(ev, budget, ev.block + 1 >= n_canvases)
+            keep = ev.tokens[0, :n].tolist()
+            stats.add(ev, len(keep))
             conversation += keep
             text = detok.add_tokens(keep) + (detok.finalize() if finish else "")
             thinking, answer = split.add(text, final=finish is not None)
-            yield response("commit", ev.block, ev.steps, answer, thinking, keep, finish=finish)
+            yield stats.response("commit", ev.block, ev.steps, answer, thinking, keep, finish=finish)
             if finish:
                 return
     finally:

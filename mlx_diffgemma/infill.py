@@ -36,7 +36,8 @@ from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-from .generate import CanvasLayout, GenerationResponse, stream_generate
+from .canvas import CanvasLayout
+from .generate import GenerationResponse, stream_generate
 
 DEFAULT_HOLE_TOKENS = 32
 

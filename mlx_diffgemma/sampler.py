@@ -1,11 +1,14 @@
 """Entropy-bound sampler math (transformers' `DiffusionGemmaGenerationMixin`), on arrays only.
 
+A denoising step is `step_update` over a small `StepState`, with the acceptance rule an
+argument (`Accept`; `make_accept` picks it from the config, as mlx-lm's `sampler=`).
 Nothing here knows the model or the tokenizer. Steps count down: `step` is the number of
 denoising steps *remaining* (N at the first step of a canvas, 1 at the last).
 """
 
 import math
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
@@ -96,43 +99,118 @@ def is_confident(entropies: mx.array, confidence_threshold: float) -> mx.array:
     return mx.mean(entropies, axis=-1) < confidence_threshold
 
 
-def step_update(
-    probs, entropy, new_argmax, sampled, noise, canvas, argmax, prev_probs, done, history,
-    clamp_mask, clamp_ids, entropy_bound: float, confidence_threshold: float,
-):
-    """Accept, renoise and the stop test for one step; arrays are (B, C[, V]).
+class StepState(NamedTuple):
+    """What a canvas carries from one denoising step to the next; arrays (B, C[, V]).
 
-    Clamped positions (`clamp_mask`, ids `clamp_ids`) are decided: they are always accepted,
-    keep their ids, and count as zero entropy, so they use none of the entropy bound and do
-    not hold back the confidence test. With no clamp this is transformers' step exactly.
-    Rows that already stopped (`done`) keep their canvas, argmax and conditioning.
-    Returns (canvas, argmax, probs, done, history, accepted).
+    Attributes:
+        canvas: the next forward's input (accepted samples and fresh noise).
+        argmax: the draft: the argmax canvas of the last step.
+        probs: the last step's probabilities, the next forward's self-conditioning;
+            None before the first step.
+        done: (B,) bool, rows whose canvas has stopped.
+        history: the last `stability_threshold` argmax canvases, oldest first.
+        fixed: bool (B or 1, C), decided positions: always accepted, never resampled.
+        fixed_ids: their ids.
     """
-    entropy = mx.where(clamp_mask, 0.0, entropy)
-    accepted = entropy_bound_accept(entropy, entropy_bound) | clamp_mask
-    sampled = mx.where(clamp_mask, clamp_ids, sampled.astype(canvas.dtype))
-    new_canvas = renoise(accepted, sampled, noise.astype(canvas.dtype))
-    new_argmax = mx.where(clamp_mask, clamp_ids, new_argmax.astype(argmax.dtype))
-    keep = done[:, None]
-    new_argmax = mx.where(keep, argmax, new_argmax)
+
+    canvas: mx.array
+    argmax: mx.array
+    probs: Optional[mx.array]
+    done: mx.array
+    history: Tuple[mx.array, ...]
+    fixed: mx.array
+    fixed_ids: mx.array
+
+
+class Proposal(NamedTuple):
+    """What one denoising step proposes, as an acceptance rule sees it; (B, C[, V]).
+
+    Attributes:
+        probs: the step's probabilities (temperature-scaled, token-limited).
+        entropy: their entropy in nats; 0 at fixed positions.
+        argmax: their argmax; the fixed id at fixed positions.
+        sampled: one sample per position; the fixed id at fixed positions.
+        steps_left: int32 scalar, denoising steps left including this one (N .. 1).
+    """
+
+    probs: mx.array
+    entropy: mx.array
+    argmax: mx.array
+    sampled: mx.array
+    steps_left: mx.array
+
+
+# An acceptance rule: (proposal, state before the step) -> (B, C) bool, the positions
+# whose sample survives into the next canvas (the others are renoised). Fixed positions
+# are accepted whatever it returns. The rule runs inside `mx.compile`: array ops only.
+Accept = Callable[[Proposal, StepState], mx.array]
+
+
+@dataclass(frozen=True)
+class EntropyBound:
+    """transformers' rule: accept the lowest-entropy positions within `entropy_bound` nats.
+
+    Frozen, so equal rules share one compiled step.
+    """
+
+    entropy_bound: float
+
+    def __call__(self, proposal: Proposal, state: StepState) -> mx.array:
+        return entropy_bound_accept(proposal.entropy, self.entropy_bound)
+
+
+def make_accept(config) -> Accept:
+    """The acceptance rule of a `DiffusionConfig` (today: its entropy bound)."""
+    return EntropyBound(config.entropy_bound)
+
+
+def step_update(
+    state: StepState, proposal: Proposal, noise: mx.array, accept: Accept, confidence_threshold
+) -> Tuple[StepState, mx.array]:
+    """Accept, renoise and the stop test for one step.
+
+    `proposal` holds the step's raw statistics; fixed positions (`state.fixed`) are
+    decided first: they keep their ids and count as zero entropy, so they use none of
+    the entropy bound and do not hold back the confidence test. `accept` then picks the
+    positions whose sample survives; the others get `noise`. With no fixed position and
+    the entropy-bound rule this is transformers' step exactly. Rows that already stopped
+    (`state.done`) keep their canvas, argmax and conditioning.
+
+    Returns:
+        (the next state, the (B, C) accepted mask).
+    """
+    fixed, ids = state.fixed, state.fixed_ids
+    canvas, argmax, prev_probs = state.canvas, state.argmax, state.probs
+    proposal = proposal._replace(
+        entropy=mx.where(fixed, 0.0, proposal.entropy),
+        argmax=mx.where(fixed, ids, proposal.argmax.astype(argmax.dtype)),
+        sampled=mx.where(fixed, ids, proposal.sampled.astype(canvas.dtype)),
+    )
+    accepted = accept(proposal, state) | fixed
+    new_canvas = renoise(accepted, proposal.sampled, noise.astype(canvas.dtype))
+    keep = state.done[:, None]
+    new_argmax = mx.where(keep, argmax, proposal.argmax)
     new_canvas = mx.where(keep, canvas, new_canvas)
+    probs = proposal.probs
     if probs.shape[0] > 1:  # a single row never runs past its stop
         probs = mx.where(keep[..., None], prev_probs, probs)
-    stable = is_stable(history, new_argmax)
-    history = history[1:] + [new_argmax] if history else history
-    done = done | (stable & is_confident(entropy, confidence_threshold))
-    return new_canvas, new_argmax, probs, done, history, accepted
+    stable = is_stable(state.history, new_argmax)
+    history = state.history[1:] + (new_argmax,) if state.history else state.history
+    done = state.done | (stable & is_confident(proposal.entropy, confidence_threshold))
+    return StepState(new_canvas, new_argmax, probs, done, history, fixed, ids), accepted
 
 
 def pad_after_eos(tokens: mx.array, eos_ids: mx.array, pad_id: int) -> Tuple[mx.array, mx.array]:
     """Keep everything up to and including the first EOS of each row; pad the rest.
 
-    Returns (tokens, has_eos) for a (B, C) block.
+    Returns (tokens, first_eos) for a (B, C) block: first_eos (B,) int32 is the index of
+    each row's first EOS, -1 where the row has none.
     """
     is_eos = mx.any(tokens[..., None] == eos_ids, axis=-1)
     seen = mx.cumsum(is_eos.astype(mx.int32), axis=-1)
     after = (seen > 1) | ((seen == 1) & ~is_eos)
-    return mx.where(after, pad_id, tokens), mx.any(is_eos, axis=-1)
+    first = mx.argmax(is_eos.astype(mx.int32), axis=-1).astype(mx.int32)
+    return mx.where(after, pad_id, tokens), mx.where(seen[..., -1] > 0, first, -1)
 
 
 class RandomDraws:

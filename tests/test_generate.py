@@ -155,8 +155,9 @@ def test_final_response_carries_finish_reason_and_stats(tok):
     assert last.prompt_tokens == len(prompt) and last.prompt_tps > 0
     assert last.generation_tokens == 6 and last.generation_tps > 0
     assert last.canvases == 2 and last.denoising_steps == (1, 1)
-    # transformers: non-pad canvas tokens (EOS included, pad after it not) per forward.
-    assert last.tokens_per_forward == pytest.approx((4 + 3) / 2)
+    # the output the user gets (EOS excluded) per decoder forward
+    assert last.decoder_forwards == 2
+    assert last.tokens_per_forward == pytest.approx(6 / 2)
     assert last.peak_memory >= 0 and last.seed == 7
     assert out[0].canvases == 1 and out[0].generation_tokens == 4
 
@@ -167,13 +168,17 @@ def test_real_model_max_tokens_keeps_a_prefix(tiny, tok):
     out8 = list(stream_generate(model, tok, user(SKY), seed=3, max_tokens=8))
     assert len(out3) == len(out8) == 1 and out3[0].finish_reason == "length"
     assert out3[0].token_ids == out8[0].token_ids[:3]
-    assert out3[0].tokens_per_forward == out8[0].tokens_per_forward == 8 / 2
+    # the same work, but only the output counts: 3 or 8 tokens over 2 forwards
+    assert out3[0].decoder_forwards == out8[0].decoder_forwards == 2
+    assert (out3[0].tokens_per_forward, out8[0].tokens_per_forward) == (3 / 2, 8 / 2)
 
 
 def test_real_model_stops_on_the_checkpoint_eos(tiny_eos_checkpoint):
     model, tokenizer = load(tiny_eos_checkpoint)
     out = list(stream_generate(model, tokenizer, user(SKY), seed=0, max_tokens=32))
     assert len(out) == 1 and out[0].finish_reason == "stop" and out[0].text == ""
+    # an EOS-only reply: no output, so no tokens per forward
+    assert out[0].generation_tokens == 0 and out[0].tokens_per_forward == 0.0
 
 
 def test_stopping_iteration_stops_the_work(tok):

@@ -150,13 +150,13 @@ def test_clamped_positions_hold_at_every_step_and_in_the_output(tiny, seed, step
 def test_renoise_never_touches_clamped_positions(tiny):
     model, _ = tiny
     C = model.args.canvas_length
-    mask = mx.array([[True, False, False, True, False, True, False, False]])
-    ids = mx.array([[11, 0, 0, 22, 0, 33, 0, 0]])
+    fixed = (True, False, False, True, False, True, False, False)
+    layout = CanvasLayout((11, 0, 0, 22, 0, 33, 0, 0), fixed)  # the second canvas is free
     config = model.generation_config.replace(max_new_tokens=2 * C, max_denoising_steps=4)
     for seed in range(3):
         events = generate_step(
             mx.array([[2, 9, 10]]), model, config=config, key=mx.random.key(seed),
-            clamps=[(mask, ids), None], drafts=True,
+            layout=layout, drafts=True,
         )
         first = [e for e in events if isinstance(e, DenoiseStep) and e.block == 0]
         assert len(first) == 4

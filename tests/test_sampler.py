@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_diffgemma import CanvasLayout
 from mlx_diffgemma import sampler as S
 from mlx_diffgemma.config import DiffusionConfig
 from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step
@@ -94,9 +95,9 @@ def test_stability_and_confidence():
 
 def test_pad_after_eos_keeps_first_eos():
     tokens = mx.array([[5, 1, 7, 1, 8], [5, 6, 7, 8, 9], [106, 3, 3, 3, 3]])
-    out, has = S.pad_after_eos(tokens, mx.array([1, 106]), 0)
+    out, first = S.pad_after_eos(tokens, mx.array([1, 106]), 0)
     assert out.tolist() == [[5, 1, 0, 0, 0], [5, 6, 7, 8, 9], [106, 0, 0, 0, 0]]
-    assert has.tolist() == [True, False, True]
+    assert first.tolist() == [1, -1, 0]
 
 
 class ScriptedModel:
@@ -190,13 +191,12 @@ def test_generation_config_precedence(tmp_path):
 
 def test_clamped_positions_are_fixed_accepted_and_free_of_entropy_budget():
     model = ScriptedModel(peaky=False)  # uniform logits: only one free position per step
-    mask = mx.array([[True, False, True, False]])
-    ids = mx.array([[9, 0, 11, 0]])
+    layout = CanvasLayout((9, 0, 11, 0), (True, False, True, False))
     config = DiffusionConfig(max_new_tokens=4, max_denoising_steps=5)
     events = list(
         generate_step(
             mx.array([[2, 5]]), model, config=config, key=mx.random.key(1), drafts=True,
-            clamps=[(mask, ids)],
+            layout=layout,
         )
     )
     steps = [e for e in events if isinstance(e, DenoiseStep)]

@@ -1,7 +1,6 @@
 """Allowed-token masks in the sampler and the loop; JSON and table skeletons on a clamped canvas."""
 
 import json
-import math
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_diffgemma import (
+    CanvasLayout,
     generate_json,
     generate_table,
     json_template,
@@ -77,13 +77,13 @@ def test_masked_entropy_drives_acceptance_and_the_output_stays_allowed():
     model = Uniform()
     V, C = model.args.vocab_size, model.args.canvas_length
     masks = mx.array([[True] * V, [i == 7 for i in range(V)], [i in (3, 4) for i in range(V)]])
-    classes = mx.array([[0, 1, 0, 1, 2, 2, 0, 0]])
+    classes = (0, 1, 0, 1, 2, 2, 0, 0)
     config = DiffusionConfig(max_new_tokens=C, max_denoising_steps=4, stability_threshold=0)
     for seed in range(3):
         events = list(
             generate_step(
                 mx.array([[2]]), model, config=config, key=mx.random.key(seed), drafts=True,
-                token_masks=masks, token_classes=[classes],
+                layout=CanvasLayout((0,) * C, (False,) * C, (), classes, masks),
             )
         )
         for e in [e for e in events if isinstance(e, DenoiseStep)]:
@@ -99,16 +99,17 @@ def test_masked_entropy_drives_acceptance_and_the_output_stays_allowed():
         assert block.tokens[0, 1].item() == 7 and block.tokens[0, 4].item() in (3, 4)
 
 
-def test_token_classes_need_token_masks_and_the_right_shape():
+def test_token_classes_need_token_masks_that_fit_the_model():
     model = Uniform()
     config = DiffusionConfig(max_new_tokens=8, max_denoising_steps=1)
-    with pytest.raises(ValueError, match="pass token_masks"):
+    with pytest.raises(ValueError, match="token_class needs token_masks"):
+        CanvasLayout((0,) * 8, (False,) * 8, (), (0,) * 8)
+    with pytest.raises(ValueError, match="token_class 1 is out of range for 1 token_masks rows"):
+        CanvasLayout((0,) * 8, (False,) * 8, (), (1,) * 8, mx.ones((1, 50), mx.bool_))
+    layout = CanvasLayout((0,) * 8, (False,) * 8, (), (0,) * 8, mx.ones((1, 49), mx.bool_))
+    with pytest.raises(ValueError, match="token_masks has 49 columns; the model's vocab_size is 50"):
         list(generate_step(mx.array([[2]]), model, config=config, key=mx.random.key(0),
-                           token_classes=[mx.zeros((1, 8), mx.int32)]))
-    with pytest.raises(ValueError, match=r"token_classes must have shape \(1, 8\)"):
-        list(generate_step(mx.array([[2]]), model, config=config, key=mx.random.key(0),
-                           token_masks=mx.ones((1, 50), mx.bool_),
-                           token_classes=[mx.zeros((1, 4), mx.int32)]))
+                           layout=layout))
 
 
 def test_all_allowed_masked_path_matches_transformers(tmp_path_factory):
@@ -124,14 +125,12 @@ def test_all_allowed_masked_path_matches_transformers(tmp_path_factory):
     trace = scenario["trace"]
     model = load_model(scenario["path"])
     config = model.generation_config.replace(**scenario["generate_kwargs"])
-    C, V = model.args.canvas_length, model.args.vocab_size
-    blocks = math.ceil(config.max_new_tokens / C)
+    V, n = model.args.vocab_size, config.max_new_tokens
     events = list(
         generate_step(
             mx.array(scenario["input_ids"]), model, config=config,
             draws=ReplayDraws(trace["draws"]), drafts=True,
-            token_masks=mx.ones((1, V), mx.bool_),
-            token_classes=[mx.zeros((1, C), mx.int32)] * blocks,
+            layout=CanvasLayout((0,) * n, (False,) * n, (), (0,) * n, mx.ones((1, V), mx.bool_)),
         )
     )
     steps = [e for e in events if isinstance(e, DenoiseStep)]
