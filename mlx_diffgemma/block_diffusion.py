@@ -15,6 +15,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Generator, List, Optional, Tuple, Union
 
@@ -96,14 +97,21 @@ def _stats(logits, temp, cap, allowed, lanes):
     return [mx.concatenate(p, axis=1) for p in zip(*parts)]
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled_update(accept: S.Accept, confidence_threshold: float):
-    # One compiled step per (rule, threshold); equal frozen rules share it.
-    return mx.compile(
-        functools.partial(
-            S.step_update, accept=accept, confidence_threshold=confidence_threshold
-        )
+def _compile_update(accept: S.Accept, confidence_threshold: float):
+    step = functools.partial(
+        S.step_update, accept=accept, confidence_threshold=confidence_threshold
     )
+    return mx.compile(step)
+
+
+# One compiled step per (rule, threshold): equal frozen rules share it.
+_compiled_update = functools.lru_cache(maxsize=32)(_compile_update)
+
+
+def _update_for(accept: S.Accept, confidence_threshold: float):
+    if isinstance(accept, Hashable):
+        return _compiled_update(accept, confidence_threshold)
+    return _compile_update(accept, confidence_threshold)  # compiled for this call only
 
 
 def prefill(model, prompt: mx.array, cache: List[Any], step_size: int = 512) -> None:
@@ -179,7 +187,7 @@ class _Loop:
 
     def __init__(self, model, config: DiffusionConfig, draws, accept: S.Accept, batch: int):
         self.model, self.config, self.draws = model, config, draws
-        self.update = _compiled_update(accept, config.confidence_threshold)
+        self.update = _update_for(accept, config.confidence_threshold)
         self.stream = generation_stream()
         self.lanes = _cpu_lanes(self.stream)
         self.eos = mx.array(config.eos_token_id or (), dtype=mx.int32)
@@ -238,6 +246,13 @@ class _Loop:
         self.ended = bool(ended)
         return tokens, first, eos_index, bool(stop)
 
+    def forward(self, state: S.StepState, cache) -> mx.array:
+        """The next step's logits, conditioned on this step's probabilities."""
+        with mx.stream(self.stream):
+            return self.model.denoise(
+                state.canvas, cache, self_conditioning_probs=state.probs, apply_softcap=False
+            )
+
     def canvas(self, block: int, plan: CanvasPlan, cache, drafts: bool):
         """Denoise one canvas; yields its `DenoiseStep`s if `drafts`, returns its `Block`."""
         encode_s = self.encode_last(cache)
@@ -250,11 +265,7 @@ class _Loop:
             # Build the next step's forward while this one runs; it is only evaluated
             # (and its random draws made) if the stop test below says to go on.
             if n > 1:
-                with mx.stream(self.stream):
-                    logits = self.model.denoise(
-                        state.canvas, cache, self_conditioning_probs=state.probs,
-                        apply_softcap=False,
-                    )
+                logits = self.forward(state, cache)
             if drafts:
                 yield DenoiseStep(block, N - n + 1, state.argmax, accepted, state.canvas)
             tokens, first, eos_index, stop = self.sync(state)
@@ -263,7 +274,6 @@ class _Loop:
         tokens = mx.where(self.finished[:, None], self.config.pad_token_id, tokens)
         self.finished = self.finished | (first >= 0)
         self.last = tokens
-        return Block(
-            block, tokens, N - n + 1, self.finished, tuple(eos_index), self.forwards, encode_s,
-            time.perf_counter() - tic, self.step_syncs, self.encode_syncs,
-        )
+        seconds = (encode_s, time.perf_counter() - tic)
+        counts = (self.forwards, *seconds, self.step_syncs, self.encode_syncs)
+        return Block(block, tokens, N - n + 1, self.finished, tuple(eos_index), *counts)

@@ -284,7 +284,9 @@ class _ThinkingSplit:
 def check_seed(seed) -> int:
     """`seed` as an int, or ValueError: every random draw comes from `mx.random.key(seed)`."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer from 0 to {2**32 - 1} (2**32 - 1); got {seed!r}.")
+        raise ValueError(
+            f"seed must be an integer from 0 to {2**32 - 1} (2**32 - 1); got {seed!r}."
+        )
     return int(seed)
 
 
@@ -341,15 +343,21 @@ def stream_generate(
     config = resolve_config(model, config, max_tokens, **settings)
     seed = secrets.randbits(31) if seed is None else check_seed(seed)
     cache = prompt_cache if prompt_cache is not None else PromptCache(model)
-    # Every check before the first encode: a refused call leaves the cache as it was.
+    new = _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking)
+    with wired_limit(model, [generation_stream()]):
+        yield from _stream(model, tokenizer, cache, new, config, seed, layout, drafts)
+
+
+def _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking) -> List[int]:
+    """The ids a call encodes, once every check passed (before the first encode, so a
+    refused call leaves the cache as it was)."""
     if layout is not None:
         layout.check(model.args.vocab_size, config.max_new_tokens)
     cache._check()
     new = cache.pending + _prompt_ids(tokenizer, prompt, cache, enable_thinking)
     check_token_ids(new, model.args.vocab_size, "Prompt token id")
     _check_context(model, cache, len(new), config)
-    with wired_limit(model, [generation_stream()]):
-        yield from _stream(model, tokenizer, cache, new, config, seed, layout, drafts)
+    return new
 
 
 class _Stats:
@@ -439,7 +447,7 @@ def _stream(model, tokenizer, cache: PromptCache, new, config, seed, layout, dra
             conversation += keep
             text = detok.add_tokens(keep) + (detok.finalize() if finish else "")
             thinking, answer = split.add(text, final=finish is not None)
-            yield stats.response("commit", ev.block, ev.steps, answer, thinking, keep, finish=finish)
+            yield stats.response("commit", ev.block, ev.steps, answer, thinking, keep, finish)
             if finish:
                 return
     finally:
