@@ -82,7 +82,7 @@ def test_max_tokens_trims_and_verbose_prints_stats(tiny_checkpoint, tiny):
     assert re.search(r"^Prompt: 15 tokens, [\d.]+ tokens-per-sec$", stats, re.M)
     assert re.search(r"^Generation: 3 tokens, [\d.]+ tokens-per-sec$", stats, re.M)
     assert "Canvases: 1, denoising steps per canvas: 2 (mean 2.0)" in stats
-    assert "Tokens per forward: 4.00" in stats  # 8 canvas tokens / 2 forwards
+    assert "Tokens per forward: 1.50" in stats  # 3 output tokens / 2 forwards
     assert re.search(r"^Peak memory: [\d.]+ GB$", stats, re.M)
     assert "Seed: 0, finish: length" in stats
 
