@@ -38,7 +38,7 @@ class CanvasPlan(NamedTuple):
     Attributes:
         fixed: bool, positions whose id is clamped (decided: never resampled or renoised).
         seeded: bool, positions that start from their id instead of noise.
-        ids: int32, the fixed and seed ids (0 elsewhere).
+        ids: int32, the fixed and seed ids (ignored at other positions).
         allowed: bool (1, C, V), the tokens each position may sample; None for no limit.
     """
 
