@@ -14,7 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_diffgemma import PromptCache, generate, stream_generate
-from mlx_diffgemma.cli import Output, _fit, cli, generate_command
+from mlx_diffgemma.cli import cli
+from mlx_diffgemma.generate import generate_command
+from mlx_diffgemma.render import Output, _fit
 from mlx_diffgemma.model import Model
 
 REPO = Path(__file__).resolve().parents[1]
