@@ -711,7 +711,7 @@ def convert_command(q_bits, q_group_size, **kwargs):
     try:
         convert(q_bits=int(q_bits), q_group_size=int(q_group_size), **kwargs)
     except (ValueError, OSError, RuntimeError) as e:
-        raise click.ClickException(one_line(e))
+        raise click.ClickException(one_line(e)) from None
     except KeyboardInterrupt:  # convert() has removed its partial output
         interrupted()
     finally:

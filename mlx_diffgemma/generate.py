@@ -609,7 +609,7 @@ def _answer(model, tokenizer, prompt, out: Output, verbose: bool, **kwargs):
         for last in stream_generate(model, tokenizer, prompt, drafts=out.live, **kwargs):
             out.show(last)
     except ValueError as e:  # prompt or settings rejected before any work
-        raise click.ClickException(one_line(e))
+        raise click.ClickException(one_line(e)) from None
     finally:
         out.end()
     if last.finish_reason == "stop" and last.generation_tokens == 0:
@@ -679,12 +679,12 @@ def _load_for_generation(model_path: str, max_tokens: Optional[int], given: Dict
     try:
         model, tokenizer = load(model_path)
     except (OSError, ValueError) as e:
-        raise click.ClickException(one_line(e))
+        raise click.ClickException(one_line(e)) from None
     settings = {SAMPLER_FLAGS[f]: v for f, v in given.items()}
     try:
         config = resolve_config(model, max_tokens=max_tokens, **settings)
     except ValueError as e:
-        raise click.UsageError(one_line(e))
+        raise click.UsageError(one_line(e)) from None
     _warn_ineffective(config, given)
     return model, tokenizer, config
 

@@ -421,18 +421,18 @@ def _run_infill(model_path, text, messages, hole_tokens, seed, settings) -> Infi
     try:
         model, tokenizer = load(model_path)
     except (OSError, ValueError) as e:
-        raise click.ClickException(one_line(e))
+        raise click.ClickException(one_line(e)) from None
     try:
         config = resolve_config(model, **settings)
         template = InfillTemplate.parse(tokenizer, text, hole_tokens)
     except ValueError as e:
-        raise click.UsageError(one_line(e))
+        raise click.UsageError(one_line(e)) from None
     try:
         return infill(
             model, tokenizer, template, messages=messages or None, config=config, seed=seed
         )
     except ValueError as e:
-        raise click.ClickException(one_line(e))
+        raise click.ClickException(one_line(e)) from None
 
 
 @click.command(name="infill", context_settings=CONTEXT_SETTINGS)

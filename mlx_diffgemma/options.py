@@ -9,7 +9,8 @@ from typing import Dict, Optional
 
 import click
 
-# 4-bit mixed build (15.4 GB): fits a 24 GB Mac. The bf16 original is google/diffusiongemma-26B-A4B-it.
+# 4-bit mixed build (15.4 GB): fits a 24 GB Mac.
+# The bf16 original is google/diffusiongemma-26B-A4B-it.
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 # mx.random.key takes an unsigned 32-bit seed.
 MAX_SEED = 2**32 - 1

@@ -119,8 +119,8 @@ def test_flags_without_effect_say_so(tiny_checkpoint):
         "[WARNING] --t-min has no effect: with 1 denoising step the only step runs at t_max."
         in lines
     )
-    assert any(l.startswith("[WARNING] --stability-threshold has no effect") for l in lines)
-    assert not any("--confidence-threshold" in l for l in lines)  # not given
+    assert any(s.startswith("[WARNING] --stability-threshold has no effect") for s in lines)
+    assert not any("--confidence-threshold" in s for s in lines)  # not given
 
 
 def test_eos_stops_and_an_empty_answer_is_reported(tiny_eos_checkpoint):
