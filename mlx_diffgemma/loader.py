@@ -81,10 +81,13 @@ def read_safetensors_header(file: Path) -> List[StoredTensor]:
     """The tensors of one safetensors file, in file order; checks the file is complete."""
     size = file.stat().st_size
     with open(file, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if len(head) < 8 or 8 + n > size:
+        head = f.read(9)
+        n = int.from_bytes(head[:8], "little")
+        if head[8:] != b"{":  # a header is a JSON object right after its 8-byte length
+            raise ValueError(f"Shard {file} is not a safetensors file; re-download it.")
+        if 8 + n > size:
             raise ValueError(f"Shard {file} is truncated ({size} bytes); re-download it.")
+        f.seek(8)
         try:
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)

@@ -1,0 +1,173 @@
+"""Bad inputs to the commands: one line naming the value or file and the fix, no traceback.
+
+Each case runs the command as a user would (click's CliRunner) on a damaged copy of the
+tiny checkpoint, and checks the exit status, the one line, and that nothing was written.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+from conftest import random_tiny_model, save_checkpoint
+from mlx.utils import tree_flatten
+
+import mlx_diffgemma.cli as cli_module
+import mlx_diffgemma.generate as gen
+from mlx_diffgemma.cli import cli
+from mlx_diffgemma.generate import generate_command
+from mlx_diffgemma.render import Output, _fit
+from mlx_diffgemma.tokenizer import Tokenizer
+
+SKY = "Why is the sky blue?"
+
+
+def listing(folder: Path):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*"))
+
+
+def one_line_error(result, code: int = 1) -> str:
+    """The error line of a command that failed cleanly."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    if code == 2:  # click's usage errors: the usage, a hint, then the error line
+        return lines[-1]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def generate_on(folder, *args, input=None):
+    before = listing(folder)
+    result = CliRunner().invoke(
+        generate_command, ["--model", str(folder), "-p", SKY, "--seed", "0", *args], input=input
+    )
+    assert listing(folder) == before  # nothing written
+    return result
+
+
+@pytest.fixture
+def damaged(tiny_checkpoint, tmp_path):
+    """A copy of the tiny checkpoint to break."""
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+
+
+# 1. Unquantized bf16 experts on the CPU backend
+
+
+def test_bf16_experts_are_cast_to_float32_on_cpu(tmp_path):
+    assert mx.default_device().type == mx.DeviceType.cpu  # the case of this test
+    model = random_tiny_model()
+    model.load_weights([(k, v.astype(mx.bfloat16)) for k, v in tree_flatten(model.parameters())])
+    folder = save_checkpoint(model, tmp_path / "bf16")
+    result = generate_on(folder, "--max-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+    assert result.stderr.startswith(
+        "[WARNING] The CPU backend runs expert matmuls in float32 only: casting 4 bfloat16 "
+        "expert matrices to float32"
+    )
+    assert result.stderr.count("\n") == 1
+
+
+# 2. Truncated or garbage weights, a corrupt tokenizer
+
+
+def test_truncated_weights(damaged):
+    shard = damaged / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    line = one_line_error(generate_on(damaged))
+    assert line.startswith(f"Error: Shard {shard} is truncated")
+    assert line.endswith("; re-download it.")
+
+
+def test_garbage_weights(damaged):
+    (damaged / "model.safetensors").write_bytes(b"<html>Not found</html>" * 10)
+    line = one_line_error(generate_on(damaged))
+    shard = damaged / "model.safetensors"
+    assert line == f"Error: Shard {shard} is not a safetensors file; re-download it."
+
+
+def test_corrupt_tokenizer_model(damaged):
+    spm = damaged / "tokenizer.model"
+    spm.write_bytes(spm.read_bytes()[:1000])
+    line = one_line_error(generate_on(damaged))
+    assert line == (
+        f"Error: {spm} is not a SentencePiece model (corrupt or truncated); download it again."
+    )
+
+
+# 3. A shard listed in the index but missing
+
+
+def test_missing_shard(tiny, tmp_path):
+    params = dict(tree_flatten(tiny[0].parameters()))
+    folder = save_checkpoint(random_tiny_model(), tmp_path / "sharded")
+    (folder / "model.safetensors").unlink()
+    keys = sorted(params)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
+    for name, part in zip(names, halves):
+        mx.save_safetensors(str(folder / name), {k: params[k] for k in part})
+    index = {"weight_map": {k: name for name, part in zip(names, halves) for k in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert generate_on(folder, "--max-tokens", "1").exit_code == 0  # complete, it loads
+    (folder / names[1]).unlink()
+    line = one_line_error(generate_on(folder))
+    assert line == (
+        f"Error: Shard {folder / names[1]} listed in model.safetensors.index.json is missing "
+        "(1 of 2 shards missing); re-download the checkpoint."
+    )
+
+
+# 4. Seeds out of range
+
+
+@pytest.mark.parametrize("command", ["generate", "infill"])
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seed_out_of_range(tiny_checkpoint, command, seed):
+    args = [command, "--model", str(tiny_checkpoint), "--seed", seed]
+    args += ["-p", SKY] if command == "generate" else ["-t", "a [[hole]] b"]
+    line = one_line_error(CliRunner().invoke(cli, args), code=2)
+    assert line == f"Error: Invalid value for '--seed': {seed} is not in the range 0<=x<=4294967295."
+
+
+# 6. Live view widths: combining marks and CJK
+
+
+@pytest.mark.parametrize(
+    "text, width",
+    [
+        ("के", 1),  # KA + vowel sign E (a nonspacing mark, combining class 0)
+        ("नमस्ते", 4),  # virama and vowel signs join their consonants
+        ("e\u0301", 1),  # e + combining acute
+        ("日本語", 6),
+        ("ab", 2),
+    ],
+)
+def test_live_widths_count_clusters(text, width):
+    assert _fit([(text * 10, "")], limit=1000) == ([(text * 10, "")], 10 * width)
+
+
+def test_a_mark_decoded_apart_from_its_letter_joins_it():
+    # Accepted "क" then a dimmed vowel sign: one cell, as the terminal draws it.
+    assert _fit([("क", ""), ("\u0947", "d")], limit=10) == ([("के", "")], 1)
+
+
+def test_live_redraw_counts_the_rows_it_drew(monkeypatch, capsys):
+    # The next redraw moves the cursor up rows - 1 lines: one row too many would erase
+    # a line above the output.
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda: (10, 24))
+    out = Output(None, True, live=True)
+    out._redraw([("के" * 10, "")])  # 10 cells: one row of 10 columns
+    assert out.rows == 1
+    out._redraw([("日本語" * 3, "")])  # 18 cells: two rows
+    assert out.rows == 2
+    out._redraw([("नमस्ते" * 2 + "e\u0301" * 2, "")])  # 10 cells
+    assert out.rows == 1
