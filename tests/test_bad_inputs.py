@@ -4,6 +4,7 @@ Each case runs the command as a user would (click's CliRunner) on a damaged copy
 tiny checkpoint, and checks the exit status, the one line, and that nothing was written.
 """
 
+import importlib
 import json
 import shutil
 import sys
@@ -17,13 +18,14 @@ from conftest import random_tiny_model, save_checkpoint
 from mlx.utils import tree_flatten
 
 import mlx_diffgemma.cli as cli_module
-import mlx_diffgemma.generate as gen
 from mlx_diffgemma.cli import cli
 from mlx_diffgemma.generate import generate_command
 from mlx_diffgemma.render import Output, _fit
 from mlx_diffgemma.tokenizer import Tokenizer
 
 SKY = "Why is the sky blue?"
+# The module (`import mlx_diffgemma.generate` names the function of the same name).
+gen = importlib.import_module("mlx_diffgemma.generate")
 
 
 def listing(folder: Path):
@@ -171,3 +173,125 @@ def test_live_redraw_counts_the_rows_it_drew(monkeypatch, capsys):
     assert out.rows == 2
     out._redraw([("नमस्ते" * 2 + "e\u0301" * 2, "")])  # 10 cells
     assert out.rows == 1
+
+
+# 7. Chat: Ctrl-C stops an answer, an over-long turn is refused; the session goes on
+
+
+class Encoded(list):
+    """Chunks the model encoded; `hook(self, cache)` runs after each encode."""
+
+    def hook(self, cache):
+        pass
+
+
+@pytest.fixture
+def encoded(monkeypatch):
+    from mlx_diffgemma.model import Model
+
+    calls, original = Encoded(), Model.encode
+
+    def spy(self, ids, cache):
+        calls.append(ids[0].tolist())
+        out = original(self, ids, cache)
+        calls.hook(cache)
+        return out
+
+    monkeypatch.setattr(Model, "encode", spy)
+    return calls
+
+
+def chat(checkpoint, lines, *args):
+    return CliRunner().invoke(
+        generate_command,
+        ["--model", str(checkpoint), "--chat", "--seed", "0", *args],
+        input="".join(line + "\n" for line in lines),
+    )
+
+
+def turn(tokenizer, text):
+    return tokenizer.encode(f"<turn|>\n<|turn>user\n{text}<turn|>\n<|turn>model\n")
+
+
+def test_chat_ctrl_c_stops_the_answer_and_keeps_it(tiny_checkpoint, tok, encoded, monkeypatch):
+    real, answers = gen.stream_generate, []
+
+    def interrupted_after_the_first_canvas(*args, **kwargs):
+        stream = real(*args, **kwargs)
+        try:
+            for r in stream:
+                yield r
+                answers.append(list(r.token_ids))
+                if len(answers) == 1:
+                    raise KeyboardInterrupt
+        finally:
+            stream.close()
+
+    monkeypatch.setattr(gen, "stream_generate", interrupted_after_the_first_canvas)
+    result = chat(tiny_checkpoint, [SKY, "Again"], "--max-tokens", "16")
+    assert result.exit_code == 0, result.output
+    assert "[Stopped: the answer so far stays in the conversation.]" in result.stderr.splitlines()
+    assert "Traceback" not in result.output
+    # Turn 2 encodes the first canvas of the stopped answer, then the new turn.
+    assert len(answers[0]) == 8
+    assert encoded[1] == answers[0] + turn(tok, "Again")
+    assert result.stdout.count(">> ") == 3  # two answers, then the prompt that got Ctrl-D
+
+
+def test_chat_ctrl_c_inside_an_encode_rebuilds_the_cache(tiny_checkpoint, tok, encoded):
+    def break_turn_2(cache):
+        if len(encoded) == 2:  # turn 2's encode stops after its first layer
+            for layer in cache[1:]:
+                layer.offset -= len(encoded[-1])
+            raise KeyboardInterrupt
+
+    encoded.hook = break_turn_2
+    result = chat(tiny_checkpoint, [SKY, "Again", "Third"])
+    assert result.exit_code == 0, result.output
+    assert "[Stopped: the answer so far stays in the conversation.]" in result.stderr.splitlines()
+    # Turn 3 starts a new cache: the conversation before turn 2, then turn 3.
+    first_answer = encoded[1][: -len(turn(tok, "Again"))]
+    assert encoded[2] == encoded[0] + first_answer + turn(tok, "Third")
+
+
+def test_chat_refuses_an_overlong_turn_and_goes_on(tiny_checkpoint, encoded):
+    result = chat(tiny_checkpoint, ["word " * 600, "Hi"])
+    assert result.exit_code == 0, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "more than the model's context of 512 tokens" in errors[0]
+    assert len(encoded) == 1  # only "Hi" was encoded
+    assert result.stdout.count(">> ") == 3
+
+
+# 8. Invalid JSON
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json"])
+def test_invalid_json_names_the_file(damaged, name):
+    (damaged / name).write_text('{"model_type": "diffusion_gemma",')
+    line = one_line_error(generate_on(damaged))
+    assert line.startswith(f"Error: {damaged / name} is not valid JSON (")
+    assert line.endswith("); fix it or download it again.")
+
+
+# 9. Ctrl-C while the command's module imports, or while the model loads
+
+
+def test_ctrl_c_while_importing(monkeypatch):
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module.importlib, "import_module", interrupted)
+    result = CliRunner().invoke(cli, ["generate", "-p", SKY])
+    assert result.exit_code == 130 and result.stderr == "Interrupted.\n"
+
+
+def test_ctrl_c_while_loading(tiny_checkpoint, monkeypatch):
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen, "load", interrupted)
+    result = CliRunner().invoke(cli, ["generate", "--model", str(tiny_checkpoint), "-p", SKY])
+    assert result.exit_code == 130 and result.stderr == "Interrupted.\n"
+    result = CliRunner().invoke(generate_command, ["--model", str(tiny_checkpoint), "--chat"])
+    assert result.exit_code == 130 and result.stderr == "Interrupted.\n"
