@@ -20,7 +20,11 @@ COMMANDS = {
         "infill_command",
         "Fill the holes of a text; the text around them is kept byte for byte.",
     ),
-    "convert": ("convert", "convert_command", "Convert a DiffusionGemma checkpoint to MLX (text only)."),
+    "convert": (
+        "convert",
+        "convert_command",
+        "Convert a DiffusionGemma checkpoint to MLX (text only).",
+    ),
 }
 
 

@@ -619,13 +619,7 @@ def convert(
     src = get_model_path(hf_path)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"--mlx-path {mlx_path} is the source folder; choose another --mlx-path.")
-    config = read_config(src)
-    if "quantization" in config or "quantization_config" in config:
-        raise ValueError(
-            f"{src} is already quantized; load it directly with mlx_diffgemma.load, or "
-            "convert the original unquantized checkpoint."
-        )
-
+    config = _read_source_config(src)
     plan = make_plan(
         config, read_checkpoint_tensors(src), quantize, q_bits, q_group_size, dtype, quant_recipe
     )
@@ -657,6 +651,16 @@ def convert(
     if upload_repo is not None:
         upload_to_hub(dst, upload_repo)
     return dst
+
+
+def _read_source_config(src: Path) -> dict:
+    config = read_config(src)
+    if "quantization" in config or "quantization_config" in config:
+        raise ValueError(
+            f"{src} is already quantized; load it directly with mlx_diffgemma.load, or "
+            "convert the original unquantized checkpoint."
+        )
+    return config
 
 
 def _terminate(signum, frame):

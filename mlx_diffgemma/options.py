@@ -38,7 +38,6 @@ model_option = click.option(
 )
 
 
-
 class _Seed(click.IntRange):
     name = "integer"  # "'x' is not a valid integer", not "... a valid integer range"
 

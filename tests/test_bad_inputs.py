@@ -7,9 +7,7 @@ tiny checkpoint, and checks the exit status, the one line, and that nothing was 
 import importlib
 import json
 import shutil
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
@@ -21,7 +19,6 @@ import mlx_diffgemma.cli as cli_module
 from mlx_diffgemma.cli import cli
 from mlx_diffgemma.generate import generate_command
 from mlx_diffgemma.render import Output, _fit
-from mlx_diffgemma.tokenizer import Tokenizer
 
 SKY = "Why is the sky blue?"
 # The module (`import mlx_diffgemma.generate` names the function of the same name).
@@ -137,7 +134,9 @@ def test_seed_out_of_range(tiny_checkpoint, command, seed):
     args = [command, "--model", str(tiny_checkpoint), "--seed", seed]
     args += ["-p", SKY] if command == "generate" else ["-t", "a [[hole]] b"]
     line = one_line_error(CliRunner().invoke(cli, args), code=2)
-    assert line == f"Error: Invalid value for '--seed': {seed} is not in the range 0<=x<=4294967295."
+    assert (
+        line == f"Error: Invalid value for '--seed': {seed} is not in the range 0<=x<=4294967295."
+    )
 
 
 # 6. Live view widths: combining marks and CJK

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from mlx_diffgemma import PromptCache, generate, stream_generate
 from mlx_diffgemma.cli import cli
 from mlx_diffgemma.generate import generate_command
-from mlx_diffgemma.render import Output, _fit
 from mlx_diffgemma.model import Model
+from mlx_diffgemma.render import Output, _fit
 
 REPO = Path(__file__).resolve().parents[1]
 SKY = "Why is the sky blue?"
@@ -347,3 +347,13 @@ def test_the_package_imports_lazily():
         [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_group_lists_each_command_with_its_own_help():
+    import importlib
+
+    from mlx_diffgemma.cli import COMMANDS
+
+    for name, (module, command, short) in COMMANDS.items():
+        cmd = getattr(importlib.import_module(f"mlx_diffgemma.{module}"), command)
+        assert cmd.name == name and cmd.get_short_help_str(limit=200) == short

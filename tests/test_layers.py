@@ -55,7 +55,9 @@ def import_graph(package: Path) -> Dict[str, Set[str]]:
     """Module -> the package modules it imports (itself excluded)."""
     graph = {p.stem: _static_imports(package, p) for p in package.glob("*.py")}
     # Imported by name at run time.
-    graph["cli"] |= {module for module, *_ in _dict_literal(package / "cli.py", "COMMANDS").values()}
+    graph["cli"] |= {
+        module for module, *_ in _dict_literal(package / "cli.py", "COMMANDS").values()
+    }
     graph["__init__"] |= set(_dict_literal(package / "__init__.py", "_EXPORTS").values())
     return {m: deps - {m} for m, deps in graph.items()}
 
@@ -78,7 +80,9 @@ def layers(graph: Dict[str, Set[str]]) -> List[List[str]]:
 
 def layering_problems(package: Path) -> List[str]:
     graph = import_graph(package)
-    problems = [f"{m} imports cli" for m, deps in graph.items() if "cli" in deps and m != "__main__"]
+    problems = [
+        f"{m} imports cli" for m, deps in graph.items() if "cli" in deps and m != "__main__"
+    ]
     problems += [f"{m} imports __main__" for m, deps in graph.items() if "__main__" in deps]
     try:
         layers(graph)
