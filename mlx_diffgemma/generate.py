@@ -20,7 +20,6 @@ import mlx.core as mx
 from . import sampler as S
 from .block_diffusion import DenoiseStep, generate_step, prefill
 from .config import DiffusionConfig
-from .loader import load
 from .options import (
     CONTEXT_SETTINGS,
     SAMPLER_FLAGS,
@@ -676,6 +675,10 @@ def _warn_ineffective(config: DiffusionConfig, given: Dict[str, Any]):
 
 def _load_for_generation(model_path: str, max_tokens: Optional[int], given: Dict[str, Any]):
     """(model, tokenizer, config), or a one-line error."""
+    # Imported here: mlx-lm (and the transformers it imports) take seconds to import, and
+    # `--help` or a usage error should not wait for them; a Ctrl-C meanwhile is handled.
+    from .loader import load
+
     try:
         model, tokenizer = load(model_path)
     except (OSError, ValueError) as e:

@@ -41,7 +41,6 @@ import numpy as np
 
 from .generate import CanvasLayout, GenerationResponse, stream_generate
 from .generate import format_stats, resolve_config
-from .loader import load
 from .options import (
     CONTEXT_SETTINGS,
     SAMPLER_FLAGS,
@@ -418,6 +417,8 @@ def _read_text(text: Optional[str], path: Optional[str]) -> str:
 
 def _run_infill(model_path, text, messages, hole_tokens, seed, settings) -> InfillResult:
     """Load, parse and fill; every rejected input as a one-line error."""
+    from .loader import load  # imported here for a quick --help (see generate.py)
+
     try:
         model, tokenizer = load(model_path)
     except (OSError, ValueError) as e:

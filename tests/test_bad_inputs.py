@@ -289,7 +289,7 @@ def test_ctrl_c_while_loading(tiny_checkpoint, monkeypatch):
     def interrupted(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gen, "load", interrupted)
+    monkeypatch.setattr("mlx_diffgemma.loader.load", interrupted)
     result = CliRunner().invoke(cli, ["generate", "--model", str(tiny_checkpoint), "-p", SKY])
     assert result.exit_code == 130 and result.stderr == "Interrupted.\n"
     result = CliRunner().invoke(generate_command, ["--model", str(tiny_checkpoint), "--chat"])
