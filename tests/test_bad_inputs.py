@@ -102,6 +102,13 @@ def test_corrupt_tokenizer_model(damaged):
     )
 
 
+def test_corrupt_tokenizer_json(damaged):
+    (damaged / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    line = one_line_error(generate_on(damaged))
+    assert line.startswith(f"Error: {damaged / 'tokenizer.json'} is not a valid tokenizer.json (")
+    assert line.endswith("); download it again.")
+
+
 # 3. A shard listed in the index but missing
 
 
