@@ -2,48 +2,58 @@
 
 __version__ = "0.1.0"
 
-import warnings
+import importlib
+import sys
+import types
 
-from .config import DiffusionConfig
-from .generate import CanvasLayout, GenerationResponse, PromptCache, generate, stream_generate
-from .infill import InfillResult, InfillTemplate, infill, stream_infill
-from .loader import load, load_model
-from .structured import (
-    StructuredResult,
-    generate_json,
-    generate_table,
-    json_template,
-    spec_from_json_schema,
-    table_template,
-    validate_json,
-    validate_table,
-)
+# Public name -> the module that defines it. The names are imported on first use
+# (PEP 562), so importing the package (as `python -m mlx_diffgemma.generate` and the
+# `mlx_diffgemma` command do first) does not import MLX or any submodule.
+_EXPORTS = {
+    "DiffusionConfig": "config",
+    "CanvasLayout": "generate",
+    "GenerationResponse": "generate",
+    "PromptCache": "generate",
+    "generate": "generate",
+    "stream_generate": "generate",
+    "InfillResult": "infill",
+    "InfillTemplate": "infill",
+    "infill": "infill",
+    "stream_infill": "infill",
+    "load": "loader",
+    "load_model": "loader",
+    "StructuredResult": "structured",
+    "generate_json": "structured",
+    "generate_table": "structured",
+    "json_template": "structured",
+    "spec_from_json_schema": "structured",
+    "table_template": "structured",
+    "validate_json": "structured",
+    "validate_table": "structured",
+}
 
-# `python -m mlx_diffgemma.generate` runs the module that this package has imported
-# already; its `main()` only starts the CLI, so runpy's warning about that is noise.
-warnings.filterwarnings(
-    "ignore", message="'mlx_diffgemma.generate' found in sys.modules", category=RuntimeWarning
-)
+__all__ = sorted(_EXPORTS, key=str.lower)
 
-__all__ = [
-    "CanvasLayout",
-    "DiffusionConfig",
-    "GenerationResponse",
-    "InfillResult",
-    "InfillTemplate",
-    "PromptCache",
-    "StructuredResult",
-    "generate",
-    "generate_json",
-    "generate_table",
-    "infill",
-    "json_template",
-    "load",
-    "load_model",
-    "spec_from_json_schema",
-    "stream_generate",
-    "stream_infill",
-    "table_template",
-    "validate_json",
-    "validate_table",
-]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # Importing the submodule `generate` (or `infill`) binds it as an attribute of the
+        # package; the public function of the same name must stay what the name means.
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -85,9 +85,9 @@ class DiffusionConfig:
     def from_pretrained(cls, path: Union[str, Path]) -> "DiffusionConfig":
         """Read generation_config.json (EOS falls back to config.json's eos_token_id)."""
         path = Path(path)
-        gen = _read_json(path / "generation_config.json")
+        gen = read_json(path / "generation_config.json")
         if gen.get("eos_token_id") is None:
-            config = _read_json(path / "config.json")
+            config = read_json(path / "config.json")
             eos = config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id"))
             if eos is not None:
                 gen = {**gen, "eos_token_id": eos}
@@ -98,8 +98,22 @@ class DiffusionConfig:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
+def read_json(path: Path) -> Dict[str, Any]:
+    """A JSON object file ({} if it does not exist); ValueError naming the file if broken."""
     if not path.exists():
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+            "fix it or download it again."
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; download it again.") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(data).__name__}, not an object; download it again."
+        )
+    return data

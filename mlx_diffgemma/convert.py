@@ -30,10 +30,18 @@ import click
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import save_config
 
-from .loader import get_model_path, load_model, read_config
+from .loader import (
+    StoredTensor,
+    get_model_path,
+    load_stored_model,
+    read_checkpoint_tensors,
+    read_config,
+)
 from .model import Model, ModelArgs
+from .options import CONTEXT_SETTINGS, interrupted, one_line
 
 DEFAULT_MLX_PATH = "mlx_model"
 QUANT_RECIPES = ("mixed", "uniform")
@@ -62,21 +70,6 @@ _SOURCE_DTYPES = {
     "BF16": (mx.bfloat16, np.uint16),
 }
 _DTYPE_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
-
-
-@dataclass
-class StoredTensor:
-    """One tensor of a source safetensors file, located but not read."""
-
-    key: str
-    file: Path
-    dtype: str
-    shape: Tuple[int, ...]
-    start: int  # absolute byte offset of the data in `file`
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass
@@ -118,65 +111,6 @@ class Plan:
     @property
     def total_parameters(self) -> int:
         return sum(j.source.size for j in self.jobs)
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def read_safetensors_header(file: Path) -> List[StoredTensor]:
-    """The tensors of one safetensors file, in file order; checks the file is complete."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if len(head) < 8 or 8 + n > size:
-            raise ValueError(f"Shard {file} is truncated ({size} bytes); re-download it.")
-        try:
-            header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            tensors = [
-                StoredTensor(k, file, v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0])
-                for k, v in header.items()
-            ]
-            end = 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            raise ValueError(f"Shard {file} has a corrupt header; re-download it.") from None
-    if end > size:
-        raise ValueError(
-            f"Shard {file} is truncated: it has {size} bytes but its header needs {end}; "
-            "re-download it."
-        )
-    return sorted(tensors, key=lambda t: t.start)
-
-
-def read_checkpoint_tensors(path: Path) -> List[StoredTensor]:
-    """All stored tensors of a checkpoint folder, shard by shard (index order if any)."""
-    index_file = path / "model.safetensors.index.json"
-    if index_file.exists():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"Shard {path / missing[0]} listed in {index_file.name} is missing "
-                f"({len(missing)} of {len(names)} shards missing); re-download the checkpoint."
-            )
-        files = [path / n for n in names]
-    else:
-        weight_map = None
-        files = sorted(path.glob("model*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"No model*.safetensors weights in {path}.")
-    tensors = [t for f in files for t in read_safetensors_header(f)]
-    if weight_map is not None:
-        stored = {t.key: t.file.name for t in tensors}
-        for k, name in weight_map.items():
-            if stored.get(k) != name:
-                raise ValueError(
-                    f"Tensor {k} listed in {index_file.name} is not in {name}; the "
-                    "shard is incomplete, re-download the checkpoint."
-                )
-    return tensors
 
 
 # --------------------------------------------------------------------------- planning
@@ -468,9 +402,14 @@ def write_weights(plan: Plan, folder: Path, log=print) -> None:
 
 
 def output_config(config: dict, quantization: Optional[dict], dtype: Optional[str]) -> dict:
-    """config.json of the output (`mlx_lm.utils.save_config` drops `vision_config`)."""
+    """config.json of the (text-only) output.
+
+    `"vision_config": null` says "no vision tower": mlx-vlm's strict loader then builds
+    none, where a missing key would build a default tower and miss its weights.
+    """
     out = copy.deepcopy(config)
     out.pop("quantization_config", None)
+    out["vision_config"] = None
     if quantization is not None:
         out["quantization"] = quantization
     if dtype is not None:
@@ -479,6 +418,30 @@ def output_config(config: dict, quantization: Optional[dict], dtype: Optional[st
                 if k in c:
                     c[k] = dtype
     return out
+
+
+def low_precision_experts(config: dict, plan: Plan) -> List[Job]:
+    """The jobs that write expert matrices unquantized in bfloat16 or float16."""
+    model = build_lazy_model(config)
+    experts = {f"{p}.weight" for p, m in model.named_modules() if type(m) is SwitchLinear}
+    return [
+        j
+        for j in plan.jobs
+        if j.quant is None and j.outputs[0].key in experts and j.dtype != mx.float32
+    ]
+
+
+def warn_low_precision_experts(config: dict, plan: Plan, log=print) -> None:
+    """Say that a CPU load will cast such experts to float32 (GatherMM is float32-only)."""
+    jobs = low_precision_experts(config, plan)
+    if jobs:
+        dtype = str(jobs[0].dtype).rsplit(".", 1)[-1]
+        log(
+            f"[WARNING] {len(jobs)} expert matrices are written unquantized in {dtype} (e.g. "
+            f"{jobs[0].outputs[0].key}): on the CPU backend the load casts them to float32; "
+            "quantize them (-q with a --q-group-size that divides their input size) or use "
+            "--dtype float32."
+        )
 
 
 def recipe_summary(plan: Plan, quantize: bool, q_bits: int, q_group_size: int, recipe: str) -> str:
@@ -551,7 +514,7 @@ def copy_side_files(src: Path, dst: Path, log=print) -> None:
 
 def verify_output(folder: Path, plan: Plan) -> None:
     """Load the output lazily (strict keys and shapes) and read its small tensors."""
-    model = load_model(folder, lazy=True)
+    model = load_stored_model(folder, lazy=True)
     params = tree_flatten(model.parameters())
     mx.eval([v for _, v in params if v.nbytes <= 1 << 20])
     n_quantized = sum(1 for k, _ in params if k.endswith(".scales"))
@@ -656,13 +619,7 @@ def convert(
     src = get_model_path(hf_path)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"--mlx-path {mlx_path} is the source folder; choose another --mlx-path.")
-    config = read_config(src)
-    if "quantization" in config or "quantization_config" in config:
-        raise ValueError(
-            f"{src} is already quantized; load it directly with mlx_diffgemma.load, or "
-            "convert the original unquantized checkpoint."
-        )
-
+    config = _read_source_config(src)
     plan = make_plan(
         config, read_checkpoint_tensors(src), quantize, q_bits, q_group_size, dtype, quant_recipe
     )
@@ -672,6 +629,7 @@ def convert(
         f"[INFO] {len(plan.jobs)} tensors to convert ({vision} vision tensors dropped: "
         f"text only); {summary} in {len(plan.shards)} shard(s)"
     )
+    warn_low_precision_experts(config, plan)
 
     check_disk_space(dst, plan.total_bytes + (64 << 20))  # plus tokenizer and slack
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -680,7 +638,8 @@ def convert(
     try:
         write_weights(plan, tmp)
         copy_side_files(src, tmp)
-        save_config(output_config(config, plan.quantization, dtype), tmp / "config.json")
+        out_config = output_config(config, plan.quantization, dtype)
+        save_config(out_config, tmp / "config.json", keep_vision_config=True)
         n_layers = ModelArgs.from_dict(config).num_hidden_layers
         write_model_card(tmp, dst.name, str(hf_path), summary, n_layers, upload_repo)
         verify_output(tmp, plan)
@@ -694,54 +653,79 @@ def convert(
     return dst
 
 
+def _read_source_config(src: Path) -> dict:
+    config = read_config(src)
+    if "quantization" in config or "quantization_config" in config:
+        raise ValueError(
+            f"{src} is already quantized; load it directly with mlx_diffgemma.load, or "
+            "convert the original unquantized checkpoint."
+        )
+    return config
+
+
 def _terminate(signum, frame):
     # SystemExit unwinds through convert(), which removes the partial output.
     sys.exit(128 + signum)
 
 
-@click.command(name="convert", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(name="convert", context_settings=CONTEXT_SETTINGS)
 @click.option(
-    "--hf-path", "--model", "hf_path", required=True,
+    "--hf-path",
+    "--model",
+    "hf_path",
+    required=True,
     help="Local folder or Hugging Face repo id of the transformers checkpoint.",
 )
 @click.option("--mlx-path", default=DEFAULT_MLX_PATH, show_default=True, help="Output folder.")
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the weights.")
 @click.option(
-    "--q-bits", type=click.Choice([str(b) for b in Q_BITS]), default="4", show_default=True,
+    "--q-bits",
+    type=click.Choice([str(b) for b in Q_BITS]),
+    default="4",
+    show_default=True,
     help="Bits per quantized weight (experts and self-conditioning with the mixed recipe).",
 )
 @click.option(
-    "--q-group-size", type=click.Choice([str(g) for g in Q_GROUP_SIZES]), default="64",
-    show_default=True, help="Quantization group size.",
+    "--q-group-size",
+    type=click.Choice([str(g) for g in Q_GROUP_SIZES]),
+    default="64",
+    show_default=True,
+    help="Quantization group size.",
 )
 @click.option(
-    "--quant-recipe", type=click.Choice(QUANT_RECIPES), default="mixed", show_default=True,
+    "--quant-recipe",
+    type=click.Choice(QUANT_RECIPES),
+    default="mixed",
+    show_default=True,
     help="mixed: embedding, attention, dense MLP, router at 8 bits; uniform: --q-bits everywhere.",
 )
 @click.option(
-    "--dtype", type=click.Choice(CONVERSION_DTYPES), default=None,
+    "--dtype",
+    type=click.Choice(CONVERSION_DTYPES),
+    default=None,
     help="Dtype of the float weights and scales [default: the checkpoint's].",
 )
 @click.option("--upload-repo", default=None, help="Hugging Face repo to upload the result to.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --mlx-path.")
 def convert_command(q_bits, q_group_size, **kwargs):
     """Convert a DiffusionGemma checkpoint to MLX (text only)."""
-    try:
-        convert(q_bits=int(q_bits), q_group_size=int(q_group_size), **kwargs)
-    except (ValueError, OSError, RuntimeError) as e:
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
-
-
-def main(args: Optional[List[str]] = None) -> None:
-    """Command-line entry point (`python -m mlx_diffgemma.convert`)."""
     # Only the main thread may set signal handlers.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        convert_command.main(args=args, prog_name="mlx_diffgemma.convert")
+        convert(q_bits=int(q_bits), q_group_size=int(q_group_size), **kwargs)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise click.ClickException(one_line(e)) from None
+    except KeyboardInterrupt:  # convert() has removed its partial output
+        interrupted()
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def main(args: Optional[List[str]] = None) -> None:
+    """Command-line entry point (`python -m mlx_diffgemma.convert`)."""
+    convert_command.main(args=args, prog_name="python -m mlx_diffgemma.convert")
 
 
 if __name__ == "__main__":

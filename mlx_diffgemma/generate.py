@@ -13,16 +13,29 @@ model's weights stay wired in memory for its duration (a no-op elsewhere).
 import math
 import numbers
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
+import click
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
 from .block_diffusion import Block, DenoiseStep, generate_step, generation_stream, prefill
 from .canvas import CanvasLayout, check_token_ids
 from .config import DiffusionConfig
+from .options import (
+    CONTEXT_SETTINGS,
+    SAMPLER_FLAGS,
+    interrupted,
+    model_option,
+    one_line,
+    sampler_flags,
+    sampler_options,
+    seed_option,
+)
+from .render import RESET, SHOW_CURSOR, Output
 from .tokenizer import split_thinking
 
 Prompt = Union[str, Sequence[int], mx.array, Sequence[Dict[str, Any]]]
@@ -500,10 +513,175 @@ def format_stats(response: GenerationResponse) -> str:
     )
 
 
-def main(args: Optional[List[str]] = None) -> None:
-    """Command-line entry point (`python -m mlx_diffgemma.generate`); see `cli.py`."""
-    from .cli import generate_command
+# --------------------------------------------------------------------------- command line
+# `mlx_diffgemma generate` / `python -m mlx_diffgemma.generate`: parse, call the API above,
+# print. The answer goes to stdout; statistics, notes and errors go to stderr.
 
+
+def _read_prompt(prompt: Optional[str]) -> str:
+    if prompt is None:
+        raise click.UsageError(
+            "Missing --prompt: give the message, - to read it from stdin, or use --chat."
+        )
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise click.BadParameter(
+            "the prompt is empty; give some text (or - to read it from stdin).",
+            param_hint="'--prompt'",
+        )
+    return prompt
+
+
+def _answer(model, tokenizer, prompt, out: Output, verbose: bool, **kwargs):
+    """Stream one answer to `out`; statistics to stderr."""
+    last = None
+    try:
+        for last in stream_generate(model, tokenizer, prompt, drafts=out.live, **kwargs):
+            out.show(last)
+    except ValueError as e:  # prompt or settings rejected before any work
+        raise click.ClickException(one_line(e)) from None
+    finally:
+        out.end()
+    if last.finish_reason == "stop" and last.generation_tokens == 0:
+        click.echo(
+            "[WARNING] The answer is empty: the model put EOS first. Another --seed may help.",
+            err=True,
+        )
+    if verbose:
+        click.echo(format_stats(last), err=True)
+
+
+def _after_interrupt(cache: PromptCache, before: List[int], model) -> PromptCache:
+    """The cache to go on with after Ctrl-C stopped an answer.
+
+    Stopped while denoising, the cache holds the conversation with the answer so far.
+    Stopped inside an encode, its layers disagree and it cannot go on: a new cache then
+    holds the conversation before this turn, to encode with the next message.
+    """
+    if not cache._broken:
+        return cache
+    fresh = PromptCache(model)
+    if before:
+        fresh.pending = list(before)
+        fresh.enable_thinking = cache.enable_thinking
+    return fresh
+
+
+def _chat(answer, model, system: Optional[str], think: bool):
+    cache = PromptCache(model)
+    click.echo(
+        "Chat: type a message and press Enter; Ctrl-C stops an answer, Ctrl-D ends the chat.",
+        err=True,
+    )
+    while True:
+        try:
+            line = input(">> ")
+        except EOFError:
+            click.echo(err=True)
+            return
+        if not line.strip():
+            continue
+        messages = [{"role": "user", "content": line}]
+        first = len(cache) == 0
+        if first and system:
+            messages.insert(0, {"role": "system", "content": system})
+        before = cache.tokens + cache.pending
+        try:
+            answer(messages, prompt_cache=cache, enable_thinking=think if first else None)
+        except click.ClickException as e:  # refused before any work (e.g. too long)
+            e.show()
+        except KeyboardInterrupt:
+            cache = _after_interrupt(cache, before, model)
+            click.echo("[Stopped: the answer so far stays in the conversation.]", err=True)
+
+
+def _warn_ineffective(config: DiffusionConfig, given: Dict[str, Any]):
+    no_effect = ineffective_settings(config)
+    for flag, value in given.items():
+        if value is not None and SAMPLER_FLAGS[flag] in no_effect:
+            click.echo(
+                f"[WARNING] {flag} has no effect: {no_effect[SAMPLER_FLAGS[flag]]}.", err=True
+            )
+
+
+def _load_for_generation(model_path: str, max_tokens: Optional[int], given: Dict[str, Any]):
+    """(model, tokenizer, config), or a one-line error."""
+    # Imported here: mlx-lm (and the transformers it imports) take seconds to import, and
+    # `--help` or a usage error should not wait for them; a Ctrl-C meanwhile is handled.
+    from .loader import load
+
+    try:
+        model, tokenizer = load(model_path)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(one_line(e)) from None
+    settings = {SAMPLER_FLAGS[f]: v for f, v in given.items()}
+    try:
+        config = resolve_config(model, max_tokens=max_tokens, **settings)
+    except ValueError as e:
+        raise click.UsageError(one_line(e)) from None
+    _warn_ineffective(config, given)
+    return model, tokenizer, config
+
+
+@click.command(name="generate", context_settings=CONTEXT_SETTINGS)
+@model_option
+@click.option("--prompt", "-p", default=None, help="The user message; - reads it from stdin.")
+@click.option("--system", "--system-prompt", default=None, help="System prompt.")
+@click.option(
+    "--max-tokens",
+    "-m",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Output tokens at most; whole canvases are computed and the output is trimmed "
+    "[default: the checkpoint's max_new_tokens].",
+)
+@sampler_options
+@seed_option
+@click.option("--think/--no-think", default=False, help="Thinking mode.  [default: no-think]")
+@click.option(
+    "--show-thinking/--hide-thinking",
+    default=True,
+    help="Show the thinking (dimmed; on stderr when stdout is not a terminal) or hide it.",
+)
+@click.option(
+    "--chat", is_flag=True, help="Multi-turn chat on stdin; each turn encodes only its new tokens."
+)
+@click.option(
+    "--live", is_flag=True, help="Redraw the canvas at every denoising step (terminals only)."
+)
+@click.option("--verbose", "-v", is_flag=True, help="Print statistics to stderr.")
+def generate_command(
+    model_path, prompt, system, max_tokens, seed, think, show_thinking, chat, live, verbose, **kw
+):
+    """Generate text with DiffusionGemma."""
+    if chat and prompt is not None:
+        raise click.UsageError("--prompt cannot be used with --chat; type the messages instead.")
+    if not chat:
+        prompt = _read_prompt(prompt)
+    out = None
+    try:
+        model, tokenizer, config = _load_for_generation(model_path, max_tokens, sampler_flags(kw))
+        if live and not sys.stdout.isatty():
+            click.echo("[WARNING] --live has no effect: stdout is not a terminal.", err=True)
+        out = Output(tokenizer, show_thinking, live and sys.stdout.isatty())
+
+        def answer(messages, **kwargs):
+            _answer(model, tokenizer, messages, out, verbose, config=config, seed=seed, **kwargs)
+
+        if chat:
+            _chat(answer, model, system, think)
+        else:
+            messages = [{"role": "system", "content": system}] if system else []
+            answer(messages + [{"role": "user", "content": prompt}], enable_thinking=think)
+    except KeyboardInterrupt:
+        if out is not None and out.live:
+            click.echo(RESET + SHOW_CURSOR, nl=False)
+        interrupted()
+
+
+def main(args: Optional[List[str]] = None) -> None:
+    """Command-line entry point (`python -m mlx_diffgemma.generate`)."""
     generate_command.main(args=args, prog_name="python -m mlx_diffgemma.generate")
 
 

@@ -5,6 +5,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from .config import read_json
+
 # generation_config.json of google/diffusiongemma-26B-A4B-it: <eos>, <turn|>, <|tool_response>.
 DEFAULT_EOS_TOKEN_IDS = (1, 106, 50)
 
@@ -34,7 +36,12 @@ class _SentencePiece:
     def __init__(self, path: Path):
         import sentencepiece as spm
 
-        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError):
+            raise ValueError(
+                f"{path} is not a SentencePiece model (corrupt or truncated); download it again."
+            ) from None
         self.vocab_size = self._sp.get_piece_size()
 
     def encode(self, text: str) -> List[int]:
@@ -74,7 +81,12 @@ class _TokenizersJSON:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tok = HFTokenizer.from_file(str(path))
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for any parse error
+            raise ValueError(
+                f"{path} is not a valid tokenizer.json ({e}); download it again."
+            ) from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> List[int]:
@@ -362,10 +374,7 @@ def _strip_thoughts(text: str) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path) if path.is_file() else {}
 
 
 def _read_template(path: Path, config: dict) -> Optional[str]:

@@ -14,8 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_diffgemma import PromptCache, generate, stream_generate
-from mlx_diffgemma.cli import Output, _fit, cli, generate_command
+from mlx_diffgemma.cli import cli
+from mlx_diffgemma.generate import generate_command
 from mlx_diffgemma.model import Model
+from mlx_diffgemma.render import Output, _fit
 
 REPO = Path(__file__).resolve().parents[1]
 SKY = "Why is the sky blue?"
@@ -117,8 +119,8 @@ def test_flags_without_effect_say_so(tiny_checkpoint):
         "[WARNING] --t-min has no effect: with 1 denoising step the only step runs at t_max."
         in lines
     )
-    assert any(l.startswith("[WARNING] --stability-threshold has no effect") for l in lines)
-    assert not any("--confidence-threshold" in l for l in lines)  # not given
+    assert any(s.startswith("[WARNING] --stability-threshold has no effect") for s in lines)
+    assert not any("--confidence-threshold" in s for s in lines)  # not given
 
 
 def test_eos_stops_and_an_empty_answer_is_reported(tiny_eos_checkpoint):
@@ -313,3 +315,45 @@ def test_group_has_generate_and_convert(tiny_checkpoint, tiny):
         cli, ["generate", "--model", str(tiny_checkpoint), "-p", SKY, "--seed", "0"]
     )
     assert result.exit_code == 0 and result.stdout == generate(*tiny, user(SKY), seed=0) + "\n"
+
+
+def test_entry_points_print_no_warning():
+    # runpy warns when the package has imported the module it runs; it must not have.
+    for module in ["mlx_diffgemma", "mlx_diffgemma.generate", "mlx_diffgemma.infill"]:
+        result = subprocess.run(
+            [sys.executable, "-W", "default", "-m", module, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=subprocess_env(),
+        )
+        assert result.returncode == 0 and result.stdout.startswith("Usage: ")
+        assert result.stderr == "", module
+
+
+def test_the_package_imports_lazily():
+    code = (
+        "import sys, warnings, mlx_diffgemma\n"
+        "assert not any(m.startswith(('mlx.', 'mlx_diffgemma.')) for m in sys.modules)\n"
+        "assert not [f for f in warnings.filters if 'mlx_diffgemma' in str(f[1])]\n"
+        "import mlx_diffgemma.generate, mlx_diffgemma.infill\n"
+        "from mlx_diffgemma import generate, infill\n"
+        "assert callable(generate) and callable(infill)\n"
+        "assert generate.__module__ == 'mlx_diffgemma.generate'\n"
+        "assert infill.__module__ == 'mlx_diffgemma.infill'\n"
+        "assert sorted(mlx_diffgemma.__all__) == sorted(set(dir(mlx_diffgemma)) & set(mlx_diffgemma.__all__))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_group_lists_each_command_with_its_own_help():
+    import importlib
+
+    from mlx_diffgemma.cli import COMMANDS
+
+    for name, (module, command, short) in COMMANDS.items():
+        cmd = getattr(importlib.import_module(f"mlx_diffgemma.{module}"), command)
+        assert cmd.name == name and cmd.get_short_help_str(limit=200) == short

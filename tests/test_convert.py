@@ -87,7 +87,8 @@ def test_fp32_conversion_gives_identical_logits(style, hf_release, hf_per_layer,
         "model.safetensors.index.json",
     ]
     config = json.loads((out / "config.json").read_text())
-    assert "vision_config" not in config and "quantization" not in config
+    # Text only: "no vision tower" as mlx-vlm reads it (a missing key builds a default one).
+    assert config["vision_config"] is None and "quantization" not in config
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert not [k for k in index["weight_map"] if "vision" in k or k == "lm_head.weight"]
     # Tied weights once: only the encoder's layer scalars exist under model.encoder.
@@ -339,3 +340,53 @@ def test_upload_repo(hf_release, tmp_path, monkeypatch):
     assert calls[1][0] == "upload" and "config.json" in calls[1][1]
     assert calls[1][2:] == ("me/dg-tiny", "model")
     assert 'load("me/dg-tiny")' in (out / "README.md").read_text()
+
+
+def test_low_precision_experts_warn_and_load_in_float32_on_cpu(hf_release, tmp_path, capfd):
+    # Group size 64 quantizes gate_up (input 64) but not down_proj (input 32): as
+    # `-q --q-group-size 128` leaves the real model's experts in bf16.
+    out = convert(
+        hf_release, tmp_path / "bf16", quantize=True, q_group_size=64, dtype="bfloat16"
+    )
+    warnings = [s for s in capfd.readouterr().out.splitlines() if "expert matrices" in s]
+    assert warnings == [
+        "[WARNING] 4 expert matrices are written unquantized in bfloat16 (e.g. "
+        "model.decoder.layers.0.experts.down_proj.weight): on the CPU backend the load casts "
+        "them to float32; quantize them (-q with a --q-group-size that divides their input "
+        "size) or use --dtype float32."
+    ]
+    model = load_model(out)
+    assert capfd.readouterr().err.startswith(
+        "[WARNING] The CPU backend runs expert matmuls in float32 only: casting 4 bfloat16 "
+    )
+    assert params(model)["model.decoder.layers.0.experts.down_proj.weight"].dtype == mx.float32
+    assert mx.isfinite(logits(model)).all().item()  # GatherMM runs on the CPU
+    convert(hf_release, tmp_path / "q32", quantize=True, q_group_size=32, dtype="bfloat16")
+    assert "expert matrices" not in capfd.readouterr().out  # every expert quantized
+
+
+def test_ctrl_c_exits_130_and_writes_nothing(hf_release, tmp_path, monkeypatch):
+    def interrupted(job, src, fds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "convert_tensor", interrupted)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["--hf-path", str(hf_release), "--mlx-path", str(tmp_path / "mlx")]
+    result = CliRunner().invoke(convert_command, args)
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert result.stderr == "Interrupted.\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_mlx_vlm_loads_the_converted_folder(quantize, hf_release, reference, tmp_path):
+    from mlx_vlm.utils import load_model as mlx_vlm_load_model
+
+    out = convert(hf_release, tmp_path / "mlx", quantize=quantize, q_group_size=32)
+    assert json.loads((out / "config.json").read_text())["vision_config"] is None
+    model = mlx_vlm_load_model(out)  # strict: every parameter present, none left over
+    assert model.model.encoder.vision_tower is None
+    ours = params(load_model(out))
+    theirs = dict(tree_flatten(model.parameters()))
+    key = "model.decoder.layers.0.experts.gate_up_proj.weight"
+    assert mx.array_equal(theirs[key], ours[key])

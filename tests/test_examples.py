@@ -37,6 +37,7 @@ def test_examples_run(tiny_checkpoint):
     }
     inputs = {"chat.py": "Hi\n\nAgain\n"}
     runs = {p.name: [p] for p in EXAMPLES}
+    runs["minimal.py"] += ["--max-tokens", "8", "--steps", "2"]  # stream_drafts: its defaults
     runs["cancelled"] = [REPO / "examples" / "embed_in_app.py", "0"]  # cancel at once
     procs = {
         name: subprocess.Popen(
@@ -53,10 +54,16 @@ def test_examples_run(tiny_checkpoint):
     for name, p in procs.items():
         assert p.returncode == 0, (name, out[name][1])
 
-    assert out["minimal.py"][0].strip()
+    # The answer as it is committed, then the statistics of the flags given.
+    answer, stats = out["minimal.py"][0].split("=" * 10)
+    assert answer.strip() and "Generation: 8 tokens" in stats
+    assert "denoising steps per canvas: 2 (mean 2.0)" in stats
+    # The small defaults: 32 tokens (4 tiny canvases) of 8 steps (a random model never
+    # stops a canvas early).
     drafts = out["stream_drafts.py"][0].splitlines()
     assert drafts[0].startswith("canvas 0 step  1 ") and "canvas 0 step  2 " in drafts[1]
-    assert drafts[2].startswith("canvas 0 committed after 2 steps: ")
+    assert drafts[8].startswith("canvas 0 committed after 8 steps: ")
+    assert sum(" committed after 8 steps: " in line for line in drafts) == 4
     assert drafts[-1].startswith("finish: length, ")
     # Turn 2 encodes turn 1's 8 answer tokens plus the turn close and the new turn.
     tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)

@@ -1,0 +1,113 @@
+"""What the commands share: the model and sampler options, one-line errors, Ctrl-C.
+
+Unset sampler flags stay None, so the precedence of `config.py` applies
+(flag > generation_config.json > transformers' defaults).
+"""
+
+import sys
+from typing import Dict, Optional
+
+import click
+
+# 4-bit mixed build (15.4 GB): fits a 24 GB Mac.
+# The bf16 original is google/diffusiongemma-26B-A4B-it.
+DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
+# mx.random.key takes an unsigned 32-bit seed.
+MAX_SEED = 2**32 - 1
+# A shell's exit status after SIGINT.
+INTERRUPTED = 130
+
+# Sampler flag -> DiffusionConfig field.
+SAMPLER_FLAGS = {
+    "--steps": "max_denoising_steps",
+    "--entropy-bound": "entropy_bound",
+    "--t-min": "t_min",
+    "--t-max": "t_max",
+    "--stability-threshold": "stability_threshold",
+    "--confidence-threshold": "confidence_threshold",
+}
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+model_option = click.option(
+    "--model",
+    "model_path",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Checkpoint folder (converted or transformers layout) or Hugging Face repo id.",
+)
+
+
+class _Seed(click.IntRange):
+    name = "integer"  # "'x' is not a valid integer", not "... a valid integer range"
+
+
+seed_option = click.option(
+    "--seed",
+    type=_Seed(0, MAX_SEED),
+    default=None,
+    help="Seed of all random draws, 0 to 2**32-1 [default: random].",
+)
+
+
+def sampler_options(command):
+    """Add the sampler flags of SAMPLER_FLAGS (shared by the commands that generate)."""
+    options = [
+        click.option(
+            "--steps",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Denoising steps per canvas at most "
+            "[default: the checkpoint's max_denoising_steps].",
+        ),
+        click.option(
+            "--entropy-bound",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Entropy (nats) a step may accept; larger accepts more tokens per step.",
+        ),
+        click.option(
+            "--t-min",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Temperature toward the last step.",
+        ),
+        click.option(
+            "--t-max",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Temperature of the first step.",
+        ),
+        click.option(
+            "--stability-threshold",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Stop a canvas once its argmax is unchanged for this many steps (and confident).",
+        ),
+        click.option(
+            "--confidence-threshold",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="... and its mean token entropy is below this.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def sampler_flags(params: Dict[str, Optional[float]]) -> Dict[str, Optional[float]]:
+    """The sampler flags' values by flag name, from the command's keyword arguments."""
+    return {f: params[f.lstrip("-").replace("-", "_")] for f in SAMPLER_FLAGS}
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an error's message (its type name when it has none)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def interrupted(code: int = INTERRUPTED):
+    """End the command after Ctrl-C: one line, no traceback, exit status 130."""
+    # On a terminal, start a line of its own after the echoed ^C.
+    click.echo(("\n" if sys.stderr.isatty() else "") + "Interrupted.", err=True)
+    raise click.exceptions.Exit(code)
