@@ -5,6 +5,7 @@ committed), "draft" (one denoising step, opt-in), and a last "done" with the fin
 reason, tool calls and token counts. Closing the generator stops the model's work.
 """
 
+import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List
@@ -18,6 +19,8 @@ from .textstream import TextStream, clean
 
 JSON_OBJECT_TOKENS = 64  # the string budget of response_format json_object without max_tokens
 JSON_ATTEMPTS = 3  # seeds tried before a structured reply that does not validate is an error
+
+log = logging.getLogger("mlx_diffgemma.server")
 
 
 @dataclass
@@ -333,6 +336,8 @@ def _drive_json(model, tokenizer, template, spec, messages, req, kwargs) -> Iter
             yield Event("content", text)
             yield _done("stop", last, 0, [], None)
             return
+        log.warning("structured reply with seed %d: %s; trying the next seed", seed + attempt,
+                    problems[0])
     raise GenerationError(
         f"The structured reply did not validate after {JSON_ATTEMPTS} seeds: {problems[0]}"
     )
