@@ -22,7 +22,12 @@ SCHEMA = {
         "name": {"type": "string", "x-max-tokens": 6},
         "age": {"type": "integer", "x-max-tokens": 3},
         "member": {"type": "boolean"},
-        "scores": {"type": "array", "items": {"type": "number", "x-max-tokens": 4}, "minItems": 2, "maxItems": 2},
+        "scores": {
+            "type": "array",
+            "items": {"type": "number", "x-max-tokens": 4},
+            "minItems": 2,
+            "maxItems": 2,
+        },
     },
     "required": ["name", "age", "member", "scores"],
     "additionalProperties": False,
@@ -114,10 +119,13 @@ def test_chat_non_streaming_usage_and_seed(oai, tok):
 def test_chat_streaming_matches_non_streaming(oai):
     whole = _chat(oai, "Count to ten.", max_tokens=24)
     chunks = list(
-        _chat(oai, "Count to ten.", max_tokens=24, stream=True,
-              stream_options={"include_usage": True})
+        _chat(
+            oai, "Count to ten.", max_tokens=24, stream=True, stream_options={"include_usage": True}
+        )
     )
-    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    deltas = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
     assert len(deltas) >= 2  # one per committed 8-token canvas (3 here)
     assert "".join(deltas) == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].choices == []
@@ -187,8 +195,10 @@ def test_json_schema_output_validates(oai):
                 "type": "json_schema",
                 "json_schema": {
                     "name": "p",
-                    "schema": {"type": "object",
-                               "properties": {"a": {"type": "string", "pattern": "x+"}}},
+                    "schema": {
+                        "type": "object",
+                        "properties": {"a": {"type": "string", "pattern": "x+"}},
+                    },
                 },
             },
         )
@@ -219,8 +229,13 @@ def test_tool_round_trip_openai(oai):
 
 
 def test_anthropic_messages(claude):
-    kw = dict(model="tiny", max_tokens=16, system="Be brief.", metadata={"user_id": "u"},
-              extra_body={"seed": 3})  # `seed`: this server's extension
+    kw = dict(
+        model="tiny",
+        max_tokens=16,
+        system="Be brief.",
+        metadata={"user_id": "u"},
+        extra_body={"seed": 3},
+    )  # `seed`: this server's extension
     r = claude.messages.create(messages=[{"role": "user", "content": "Hi"}], **kw)
     assert r.content[0].type == "text" and r.stop_reason == "max_tokens"
     assert r.usage.output_tokens == 16 and r.usage.input_tokens > 0
@@ -228,26 +243,51 @@ def test_anthropic_messages(claude):
         text = "".join(s.text_stream)
         final = s.get_final_message()
     assert text == r.content[0].text == final.content[0].text
-    tools = [{"name": "get_weather", "description": "Weather", "input_schema":
-              WEATHER_TOOL["function"]["parameters"]}]
+    tools = [
+        {
+            "name": "get_weather",
+            "description": "Weather",
+            "input_schema": WEATHER_TOOL["function"]["parameters"],
+        }
+    ]
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": [
-            {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-             "input": {"city": "Paris"}}]},
-        {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "21 C"}]},
+        {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "tool_use",
+                    "id": "toolu_1",
+                    "name": "get_weather",
+                    "input": {"city": "Paris"},
+                }
+            ],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "21 C"}],
+        },
     ]
     r = claude.messages.create(model="tiny", max_tokens=8, messages=messages, tools=tools)
     assert r.content and r.stop_reason in ("max_tokens", "end_turn", "tool_use")
     with pytest.raises(anthropic.BadRequestError, match="top_k"):
-        claude.messages.create(model="tiny", max_tokens=8, extra_body={"top_k": 5},
-                               messages=[{"role": "user", "content": "x"}])
+        claude.messages.create(
+            model="tiny",
+            max_tokens=8,
+            extra_body={"top_k": 5},
+            messages=[{"role": "user", "content": "x"}],
+        )
 
 
 def test_drafts_are_an_opt_in_extension(server):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
-            "seed": 1, "stream": True, "include_drafts": True}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 8,
+        "seed": 1,
+        "stream": True,
+        "include_drafts": True,
+    }
     with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=30) as r:
         chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
     drafts = [c["draft"] for c in chunks if "draft" in c]
@@ -260,14 +300,23 @@ def test_drafts_are_an_opt_in_extension(server):
     [
         ("/v1/chat/completions", b"{not json", 400),
         ("/v1/chat/completions", b"[1, 2]", 400),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                  "max_tokens": 0}, 400),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            400,
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                  "max_tokens": 10000}, 400),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10000},
+            400,
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 600}]}, 400),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                  "unknown_field": 1}, 400),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "unknown_field": 1},
+            400,
+        ),
         ("/v1/completions", {"prompt": "x", "suffix": "y", "max_tokens": -1}, 400),
         ("/v1/messages", {"messages": [{"role": "user", "content": "x"}]}, 400),
     ],
@@ -286,8 +335,10 @@ def test_malformed_requests_get_4xx(server, path, body, status):
 def test_eight_clients_at_once_match_serial(server):
     def ask(client, i, k):
         r = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"Client {i}, question {k}."}],
-            max_tokens=8, seed=100 * i + k,
+            model="tiny",
+            messages=[{"role": "user", "content": f"Client {i}, question {k}."}],
+            max_tokens=8,
+            seed=100 * i + k,
         )
         return r.choices[0].message.content
 
@@ -311,7 +362,9 @@ def test_eight_clients_at_once_match_serial(server):
         t.start()
     for t in threads:
         t.join(timeout=120)
-    print(f"16 requests: serial {serial_s:.2f} s, 8 clients at once {time.perf_counter() - tic:.2f} s")
+    print(
+        f"16 requests: serial {serial_s:.2f} s, 8 clients at once {time.perf_counter() - tic:.2f} s"
+    )
     assert not errors and got == serial
 
 
@@ -331,8 +384,13 @@ def _wait_idle(server, limit=15.0):
 
 def test_client_disconnect_cancels_generation(server, oai):
     before = _health(server)["cancelled"]
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "A long story."}],
-            "max_tokens": 400, "stream": True, "seed": 1}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "A long story."}],
+        "max_tokens": 400,
+        "stream": True,
+        "seed": 1,
+    }
     tic = time.perf_counter()
     with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=30) as r:
         for line in r.iter_lines():
@@ -346,15 +404,24 @@ def test_client_disconnect_cancels_generation(server, oai):
 
 
 def test_queue_full_gets_503(server, oai):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Busy?"}],
-            "max_tokens": 400, "stream": True, "seed": 1}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Busy?"}],
+        "max_tokens": 400,
+        "stream": True,
+        "seed": 1,
+    }
     results = [None] * 12
 
     def hold(i):
         # Hang up as soon as the reply starts (or after 4 s in the queue).
         try:
-            with httpx.stream("POST", server + "/v1/chat/completions", json=body,
-                              timeout=httpx.Timeout(10, read=4)) as r:
+            with httpx.stream(
+                "POST",
+                server + "/v1/chat/completions",
+                json=body,
+                timeout=httpx.Timeout(10, read=4),
+            ) as r:
                 results[i] = (r.status_code, r.headers.get("retry-after"))
         except httpx.ReadTimeout:
             results[i] = ("waited", None)

@@ -117,7 +117,10 @@ def test_tool_text_held_until_parsed():
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "mode": "fast"}, "mode"),
         ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
-        ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+            "tool_choice",
+        ),
         ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
     ],
 )
@@ -205,8 +208,9 @@ def _forced(tiny, text: str, stop=(), tools=False):
     layout = CanvasLayout(tuple(ids), (True,) * len(ids))
     events = stream_generate(model, tok, "Hi", layout=layout, seed=0)
     cache = PromptCache(model)
-    return list(_drive(events, TextStream(list(stop), tools), CacheStore(model, 0), cache,
-                       None, False, 0))
+    return list(
+        _drive(events, TextStream(list(stop), tools), CacheStore(model, 0), cache, None, False, 0)
+    )
 
 
 def _sse(lines):

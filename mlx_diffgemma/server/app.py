@@ -151,11 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="Address to bind [default: 127.0.0.1].")
     p.add_argument("--port", type=int, default=8080, help="Port [default: 8080].")
     p.add_argument(
-        "--queue-size", type=int, default=8,
+        "--queue-size",
+        type=int,
+        default=8,
         help="Requests that may wait besides the running one; more get 503 [default: 8].",
     )
     p.add_argument(
-        "--prompt-cache-size", type=int, default=4,
+        "--prompt-cache-size",
+        type=int,
+        default=4,
         help="Prompt caches kept for reuse across requests [default: 4].",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

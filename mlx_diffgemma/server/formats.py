@@ -91,10 +91,15 @@ class OpenAIChat:
             message.update(reasoning_content=thinking, reasoning=thinking)
         if d["tool_calls"]:
             message["tool_calls"] = _openai_calls(d["tool_calls"], False)
-        choice = {"index": 0, "message": message, "logprobs": None,
-                  "finish_reason": d["finish_reason"]}
-        return self._head(self.object, choices=[choice], usage=_openai_usage(d["usage"]),
-                          seed=d["seed"])
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": d["finish_reason"],
+        }
+        return self._head(
+            self.object, choices=[choice], usage=_openai_usage(d["usage"]), seed=d["seed"]
+        )
 
 
 class OpenAICompletion(OpenAIChat):
@@ -129,8 +134,9 @@ class OpenAICompletion(OpenAIChat):
         text = "".join(e.text for e in events if e.kind in ("reasoning", "content"))
         d = events[-1].data
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": d["finish_reason"]}
-        return self._head(self.object, choices=[choice], usage=_openai_usage(d["usage"]),
-                          seed=d["seed"])
+        return self._head(
+            self.object, choices=[choice], usage=_openai_usage(d["usage"]), seed=d["seed"]
+        )
 
 
 class AnthropicMessages:
@@ -194,8 +200,10 @@ class AnthropicMessages:
         if ev.kind == "draft":
             return [sse({"type": "draft", "draft": _draft(ev)})]  # no event name: skipped
         if ev.kind == "reasoning":
-            out = [] if self.kind == "thinking" else self._open(
-                "thinking", {"type": "thinking", "thinking": "", "signature": ""}
+            out = (
+                []
+                if self.kind == "thinking"
+                else self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
             )
             return out + [self._delta({"type": "thinking_delta", "thinking": ev.text})]
         if ev.kind == "content":

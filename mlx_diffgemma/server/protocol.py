@@ -313,17 +313,21 @@ def _thinking_openai(data) -> Optional[bool]:
     return THINKING_EFFORTS[effort]
 
 
-CHAT_FIELDS = _COMMON | _DIFFUSION | {
-    "messages",
-    "max_completion_tokens",
-    "stream_options",
-    "stop",
-    "tools",
-    "tool_choice",
-    "response_format",
-    "reasoning_effort",
-    "chat_template_kwargs",
-}
+CHAT_FIELDS = (
+    _COMMON
+    | _DIFFUSION
+    | {
+        "messages",
+        "max_completion_tokens",
+        "stream_options",
+        "stop",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "reasoning_effort",
+        "chat_template_kwargs",
+    }
+)
 
 
 def parse_chat(data: Dict[str, Any]) -> GenRequest:
@@ -374,14 +378,18 @@ def parse_completion(data: Dict[str, Any]) -> GenRequest:
     return req
 
 
-MESSAGES_FIELDS = _COMMON | _DIFFUSION | {
-    "messages",
-    "system",
-    "stop_sequences",
-    "tools",
-    "tool_choice",
-    "thinking",
-}
+MESSAGES_FIELDS = (
+    _COMMON
+    | _DIFFUSION
+    | {
+        "messages",
+        "system",
+        "stop_sequences",
+        "tools",
+        "tool_choice",
+        "thinking",
+    }
+)
 
 
 def parse_messages(data: Dict[str, Any]) -> GenRequest:

@@ -317,8 +317,14 @@ def _drive_json(model, tokenizer, template, spec, messages, req, kwargs) -> Iter
     max_tokens = None if req.json_object else req.max_tokens
     for attempt in range(JSON_ATTEMPTS):
         events = stream_infill(
-            model, tokenizer, template, messages=messages, max_tokens=max_tokens,
-            seed=seed + attempt, drafts=req.include_drafts, **kwargs,
+            model,
+            tokenizer,
+            template,
+            messages=messages,
+            max_tokens=max_tokens,
+            seed=seed + attempt,
+            drafts=req.include_drafts,
+            **kwargs,
         )
         ids, last = [], None
         try:
@@ -336,9 +342,9 @@ def _drive_json(model, tokenizer, template, spec, messages, req, kwargs) -> Iter
             yield Event("content", text)
             yield _done("stop", last, 0, [], None)
             return
-        log.warning("structured reply with seed %d: %s; trying the next seed", seed + attempt,
-                    problems[0])
+        log.warning(
+            "structured reply with seed %d: %s; trying the next seed", seed + attempt, problems[0]
+        )
     raise GenerationError(
         f"The structured reply did not validate after {JSON_ATTEMPTS} seeds: {problems[0]}"
     )
-
