@@ -161,8 +161,7 @@ def ttft_http(url, max_tokens: int, repeats: int):
 def ttft_forced(model_path: str, canvases_of_thought: int):
     sys.path.insert(0, str(REPO))
     from mlx_diffgemma import CanvasLayout, load, stream_generate
-    from mlx_diffgemma.generate import PromptCache
-    from mlx_diffgemma.server.run import CacheStore, _drive
+    from mlx_diffgemma.server.run import _drive
     from mlx_diffgemma.server.textstream import TextStream
 
     model, tok = load(model_path)
@@ -172,8 +171,7 @@ def ttft_forced(model_path: str, canvases_of_thought: int):
     for _ in range(2):  # the first run warms up
         tic, seen = time.perf_counter(), {}
         events = stream_generate(model, tok, "Hi", layout=layout, seed=0)
-        for ev in _drive(events, TextStream([], False), CacheStore(model, 0), PromptCache(model),
-                         None, False, 0):
+        for ev in _drive(events, TextStream([], False), lambda: None, 0):
             seen.setdefault(ev.kind, time.perf_counter() - tic)
     print(f"forced thought of {len(tok.encode(thought))} tokens then the answer "
           f"({len(ids)} tokens, canvas 8): first reasoning delta {seen['reasoning'] * 1000:.0f} "

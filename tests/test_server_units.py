@@ -6,12 +6,11 @@ import json
 import pytest
 
 from mlx_diffgemma import CanvasLayout, stream_generate
-from mlx_diffgemma.generate import PromptCache
 from mlx_diffgemma.server import protocol
 from mlx_diffgemma.server.formats import AnthropicMessages, OpenAIChat
 from mlx_diffgemma.server.prompt import tool_prompt_ids
 from mlx_diffgemma.server.protocol import RequestError, parse_chat, parse_messages
-from mlx_diffgemma.server.run import CacheStore, _drive, check_schema, json_spec
+from mlx_diffgemma.server.run import _drive, check_schema, json_spec
 from mlx_diffgemma.server.textstream import TextStream
 from mlx_diffgemma.server.tools import parse_tool_calls, render_call, render_response
 
@@ -207,10 +206,7 @@ def _forced(tiny, text: str, stop=(), tools=False):
     ids = tok.encode(text) + [106]
     layout = CanvasLayout(tuple(ids), (True,) * len(ids))
     events = stream_generate(model, tok, "Hi", layout=layout, seed=0)
-    cache = PromptCache(model)
-    return list(
-        _drive(events, TextStream(list(stop), tools), CacheStore(model, 0), cache, None, False, 0)
-    )
+    return list(_drive(events, TextStream(list(stop), tools), lambda: None, 0))
 
 
 def _sse(lines):

@@ -1,15 +1,12 @@
-"""Chat messages of a request -> what `stream_generate` takes.
+"""Chat messages of a request -> prompt token ids, through the checkpoint's chat template.
 
-A conversation without tools goes to `stream_generate` as chat messages, so it renders
-through the checkpoint's chat template and can continue a `PromptCache`. With tools the
-request is rendered here to token ids, still through the template: the declarations join
-the system turn, an assistant message's calls and the results of the tool messages after
-it join that model turn (Gemma 4 keeps a tool exchange inside one model turn). A
-conversation that ends with tool results continues that open model turn instead of
-starting a new one.
+With tools, the declarations join the system turn, and an assistant message's calls and
+the results of the tool messages after it join that model turn (Gemma 4 keeps a tool
+exchange inside one model turn). A conversation that ends with tool results continues
+that open model turn instead of starting a new one.
 """
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .protocol import GenRequest, Message, RequestError
 from .tools import render_call, render_declarations, render_response
@@ -89,8 +86,3 @@ def tool_prompt_ids(tokenizer, req: GenRequest, enable_thinking: bool) -> List[i
     if text.startswith(bos):
         return [tokenizer.bos_token_id] + tokenizer.encode(text[len(bos) :])
     return tokenizer.encode(text)
-
-
-def message_key(messages: List[Dict[str, Any]]) -> Tuple[Tuple[str, str], ...]:
-    """What identifies a conversation's history for prompt-cache reuse."""
-    return tuple((m["role"], m["content"].strip()) for m in messages)

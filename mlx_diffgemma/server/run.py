@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, List
 from ..generate import PromptCache, resolve_config, stream_generate
 from ..infill import Hole, InfillTemplate, stream_infill
 from ..structured import json_template, spec_from_json_schema, validate_json
-from .prompt import has_tools, message_key, plain_messages, tool_prompt_ids
+from .prompt import has_tools, plain_messages, tool_prompt_ids
 from .protocol import GREEDY_TEMPERATURE, GenRequest, RequestError
 from .textstream import TextStream, clean
 
@@ -35,37 +35,35 @@ class GenerationError(RuntimeError):
 
 
 class CacheStore:
-    """A few `PromptCache`s, most recent last, found by conversation or token prefix."""
+    """A few `PromptCache`s, most recent last, each found by the ids its K/V hold.
+
+    A request reuses a cache whose encoded ids (`PromptCache.tokens`) begin its own
+    prompt's ids, and encodes only the rest: the chat template renders the whole history,
+    so a follow-up turn reuses the earlier prompt, and the earlier answer as far as the
+    cache encoded it (the last canvas of an answer is never encoded: see `PromptCache`).
+    The ids that reach the model are the same with or without the cache, so a seed
+    gives the same reply either way. A cache's `pending` ids are dropped: the new prompt
+    carries the history as the template renders it.
+    """
 
     def __init__(self, model, size: int):
         self.model, self.size = model, size
-        self.entries: List[Dict[str, Any]] = []
+        self.entries: List[PromptCache] = []
 
-    def take_chat(self, messages, thinking: bool):
-        key = message_key(messages)
-        for e in reversed(self.entries):
-            k = e.get("chat")
-            if k is None or e["thinking"] != thinking or len(key) <= len(k):
-                continue
-            new = messages[len(k) :]
-            if key[: len(k)] == k and all(m["role"] == "user" for m in new):
-                self.entries.remove(e)
-                return e["cache"], new
-        return PromptCache(self.model), messages
-
-    def take_ids(self, ids: List[int]):
-        for e in reversed(self.entries):
-            held = e["cache"].tokens + e["cache"].pending
-            if e.get("chat") is None and len(ids) > len(held) and ids[: len(held)] == held:
-                self.entries.remove(e)
-                return e["cache"], ids[len(held) :]
+    def take(self, ids: List[int]):
+        """`(cache, ids still to encode)`: a stored cache that prefixes `ids`, or a fresh one."""
+        for cache in reversed(self.entries):
+            held = cache.tokens
+            if 0 < len(held) < len(ids) and ids[: len(held)] == held:
+                self.entries.remove(cache)
+                cache.pending = []
+                return cache, ids[len(held) :]
         return PromptCache(self.model), ids
 
-    def put(self, cache: PromptCache, chat=None, thinking=None):
-        if self.size <= 0:
-            return
-        self.entries.append({"cache": cache, "chat": chat, "thinking": thinking})
-        del self.entries[: -self.size]
+    def put(self, cache: PromptCache):
+        if self.size > 0 and cache.tokens:
+            self.entries.append(cache)
+            del self.entries[: -self.size]
 
 
 def sampler_settings(model, req: GenRequest) -> Dict[str, Any]:
@@ -126,36 +124,41 @@ def _draft(r) -> Event:
     )
 
 
-def _generate(model, tokenizer, req, caches, kwargs) -> Iterator[Event]:
-    thinking = bool(req.enable_thinking)
-    chat_key = None
+def prompt_ids(tokenizer, req: GenRequest) -> List[int]:
+    """The whole prompt of a request as token ids (chat: through the chat template)."""
     if req.api == "completions":
         ids = tokenizer.encode(req.prompt)
-        ids = ids if ids[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id] + ids
-        cache, prompt = caches.take_ids(ids)
-    elif has_tools(req):
-        cache, prompt = PromptCache(model), tool_prompt_ids(tokenizer, req, thinking)
-    else:
-        messages = plain_messages(req.messages)
-        cache, prompt = caches.take_chat(messages, thinking)
-        kwargs["enable_thinking"] = thinking if len(cache) == 0 else None
-        chat_key = messages
+        bos = tokenizer.bos_token_id
+        return ids if ids[:1] == [bos] else [bos] + ids
+    thinking = bool(req.enable_thinking)
+    if has_tools(req):
+        return tool_prompt_ids(tokenizer, req, thinking)
+    try:
+        return tokenizer.apply_chat_template(
+            plain_messages(req.messages), add_generation_prompt=True, enable_thinking=thinking
+        )
+    except ValueError as e:
+        raise RequestError(str(e), "messages") from None
+
+
+def _generate(model, tokenizer, req, caches, kwargs) -> Iterator[Event]:
+    cache, ids = caches.take(prompt_ids(tokenizer, req))
     cached = cache.offset
-    stream = TextStream(req.stop, tools=has_tools(req))
     events = stream_generate(
         model,
         tokenizer,
-        prompt,
+        ids,
         max_tokens=req.max_tokens,
         prompt_cache=cache,
         drafts=req.include_drafts,
         **kwargs,
     )
-    return _drive(events, stream, caches, cache, chat_key, thinking, cached)
+    stream = TextStream(req.stop, tools=has_tools(req))
+    return _drive(events, stream, lambda: caches.put(cache), cached)
 
 
-def _drive(events, stream, caches, cache, chat_key, thinking, cached) -> Iterator[Event]:
-    last, answer, finished, calls = None, [], False, []
+def _drive(events, stream, keep_cache, cached) -> Iterator[Event]:
+    last, finished, calls = None, False, []
     try:
         for r in _checked(events):
             last = r
@@ -165,23 +168,18 @@ def _drive(events, stream, caches, cache, chat_key, thinking, cached) -> Iterato
             if r.thinking:
                 yield Event("reasoning", clean(r.thinking))
             text = stream.add(r.text)
-            answer.append(text)
             if text:
                 yield Event("content", text)
             if stream.stopped:
                 break
         content, calls = stream.finish()
-        answer.append(content)
         if content:
             yield Event("content", content)
         finished = True
     finally:
         events.close()
-        if finished and not stream.stopped and not calls:
-            key = None
-            if chat_key is not None:
-                key = message_key(chat_key + [{"role": "assistant", "content": "".join(answer)}])
-            caches.put(cache, key, thinking)
+        if finished:  # not after a hang-up: the client will not continue this conversation
+            keep_cache()
     reason = "stop" if stream.stopped else (last.finish_reason if last else "stop")
     if calls:
         reason = "tool_calls"
