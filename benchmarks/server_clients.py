@@ -38,9 +38,7 @@ def start(model: str):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "mlx_diffgemma.server", "--model", model, "--port", str(port)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        cmd + ["--log-level", "WARNING"], env=env, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(cmd + ["--log-level", "WARNING"], env=env, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -66,26 +64,56 @@ def transcript(url):
     show("openai chat", req, oai.chat.completions.create(**req).model_dump(exclude_none=True))
     req = dict(req, stream=True, stream_options={"include_usage": True})
     chunks = [c.model_dump(exclude_none=True) for c in oai.chat.completions.create(**req)]
-    show(f"openai chat, stream ({len(chunks)} chunks; first, second, last two)", req,
-         chunks[:2] + chunks[-2:])
-    req = dict(model="m", prompt="def add(a, b):\n", suffix="\n    return c\n", max_tokens=8,
-               seed=1)
+    show(
+        f"openai chat, stream ({len(chunks)} chunks; first, second, last two)",
+        req,
+        chunks[:2] + chunks[-2:],
+    )
+    req = dict(
+        model="m", prompt="def add(a, b):\n", suffix="\n    return c\n", max_tokens=8, seed=1
+    )
     show("openai completions + suffix", req, oai.completions.create(**req).model_dump())
-    schema = {"type": "object", "properties": {"name": {"type": "string", "x-max-tokens": 6},
-                                               "age": {"type": "integer"}}}
-    req = dict(model="m", messages=user, seed=1, response_format={
-        "type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
-    show("openai json_schema", req, oai.chat.completions.create(**req).model_dump(
-        exclude_none=True))
-    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}
-    msgs = [{"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": '{"temp_c": 21}'}]
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "x-max-tokens": 6}, "age": {"type": "integer"}},
+    }
+    req = dict(
+        model="m",
+        messages=user,
+        seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+    )
+    show(
+        "openai json_schema", req, oai.chat.completions.create(**req).model_dump(exclude_none=True)
+    )
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+    msgs = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp_c": 21}'},
+    ]
     req = dict(model="m", messages=msgs, tools=[tool], max_tokens=8, seed=1)
-    show("openai tool result round trip", req, oai.chat.completions.create(**req).model_dump(
-        exclude_none=True))
+    show(
+        "openai tool result round trip",
+        req,
+        oai.chat.completions.create(**req).model_dump(exclude_none=True),
+    )
     req = dict(model="m", max_tokens=16, system="Be brief.", messages=user)
     show("anthropic messages", req, claude.messages.create(**req).model_dump(exclude_none=True))
     try:
@@ -98,8 +126,11 @@ def concurrency(url, clients: int, requests: int, max_tokens: int):
     def ask(client, i, k):
         tic = time.perf_counter()
         r = client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": f"Client {i}, question {k}."}],
-            max_tokens=max_tokens, seed=100 * i + k)
+            model="m",
+            messages=[{"role": "user", "content": f"Client {i}, question {k}."}],
+            max_tokens=max_tokens,
+            seed=100 * i + k,
+        )
         return r.choices[0].message.content, time.perf_counter() - tic
 
     one = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
@@ -124,10 +155,14 @@ def concurrency(url, clients: int, requests: int, max_tokens: int):
     same = all(got[k][0] == serial[k][0] for k in serial)
     lat = [v[1] for v in got.values()]
     print(f"\n### concurrency: {clients} clients x {requests} requests, max_tokens={max_tokens}")
-    print(f"serial:  {serial_s:.2f} s for {n} requests ({n / serial_s:.2f} req/s, "
-          f"mean latency {statistics.mean(v[1] for v in serial.values()):.2f} s)")
-    print(f"at once: {wall:.2f} s for {n} requests ({n / wall:.2f} req/s, mean latency "
-          f"{statistics.mean(lat):.2f} s, max {max(lat):.2f} s); replies equal serial: {same}")
+    print(
+        f"serial:  {serial_s:.2f} s for {n} requests ({n / serial_s:.2f} req/s, "
+        f"mean latency {statistics.mean(v[1] for v in serial.values()):.2f} s)"
+    )
+    print(
+        f"at once: {wall:.2f} s for {n} requests ({n / wall:.2f} req/s, mean latency "
+        f"{statistics.mean(lat):.2f} s, max {max(lat):.2f} s); replies equal serial: {same}"
+    )
 
 
 def ttft_http(url, max_tokens: int, repeats: int):
@@ -141,9 +176,14 @@ def ttft_http(url, max_tokens: int, repeats: int):
 
     def first(thinking: bool):
         idle()
-        body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "seed": 1,
-                "max_tokens": max_tokens, "stream": True,
-                "reasoning_effort": "high" if thinking else "none"}
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "seed": 1,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "reasoning_effort": "high" if thinking else "none",
+        }
         tic = time.perf_counter()
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
@@ -151,11 +191,14 @@ def ttft_http(url, max_tokens: int, repeats: int):
                     delta = json.loads(line[6:])["choices"][0]["delta"]
                     if delta.get("content") or delta.get("reasoning_content"):
                         return time.perf_counter() - tic
+
     for thinking in (False, True):
         times = [first(thinking) for _ in range(repeats)]
-        print(f"HTTP TTFT, thinking {'on ' if thinking else 'off'}: median "
-              f"{statistics.median(times) * 1000:.0f} ms over {repeats} "
-              f"(max_tokens={max_tokens}, whole reply {max_tokens // 8} canvases)")
+        print(
+            f"HTTP TTFT, thinking {'on ' if thinking else 'off'}: median "
+            f"{statistics.median(times) * 1000:.0f} ms over {repeats} "
+            f"(max_tokens={max_tokens}, whole reply {max_tokens // 8} canvases)"
+        )
 
 
 def ttft_forced(model_path: str, canvases_of_thought: int):
@@ -173,9 +216,11 @@ def ttft_forced(model_path: str, canvases_of_thought: int):
         events = stream_generate(model, tok, "Hi", layout=layout, seed=0)
         for ev in _drive(events, TextStream([], False), lambda: None, 0):
             seen.setdefault(ev.kind, time.perf_counter() - tic)
-    print(f"forced thought of {len(tok.encode(thought))} tokens then the answer "
-          f"({len(ids)} tokens, canvas 8): first reasoning delta {seen['reasoning'] * 1000:.0f} "
-          f"ms, first answer delta {seen['content'] * 1000:.0f} ms")
+    print(
+        f"forced thought of {len(tok.encode(thought))} tokens then the answer "
+        f"({len(ids)} tokens, canvas 8): first reasoning delta {seen['reasoning'] * 1000:.0f} "
+        f"ms, first answer delta {seen['content'] * 1000:.0f} ms"
+    )
 
 
 def main():

@@ -274,3 +274,16 @@ def test_forced_stop_string_cuts_across_canvases(tiny):
     assert "".join(content) == "one two three four five six seven "
     assert events[-1].data["finish_reason"] == "stop"
     assert events[-1].data["stop_sequence"] == "eight nine"
+
+
+def test_main_bad_model_and_adapter_exit_with_one_line(tmp_path, tiny_checkpoint, capsys):
+    from mlx_diffgemma.server import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "missing")])
+    assert "does not exist" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tiny_checkpoint), "--adapter-path", str(tmp_path / "no_adapter")])
+    assert str(e.value.code).startswith("Error:") and "adapter" in str(e.value.code).lower()
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_checkpoint), "--queue-size", "0"])

@@ -187,10 +187,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.queue_size < 1:
         sys.exit(f"Error: --queue-size must be at least 1 (got {args.queue_size}).")
     try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        sys.exit(
+            f"Error: the server needs the [server] extra ({e.name} is missing): "
+            "pip install 'mlx-diffgemma[server]'."
+        )
+    try:
         model, tokenizer = load_model(args.model, args.adapter_path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
         sys.exit(f"Error: {e}")
-    import uvicorn
 
     app = create_app(model, tokenizer, args.model, args.queue_size, args.prompt_cache_size)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
