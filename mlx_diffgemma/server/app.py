@@ -14,7 +14,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .formats import AnthropicMessages, OpenAIChat, OpenAICompletion
+from .formats import AnthropicMessages, OpenAIChat, OpenAICompletion, sse
 from .protocol import RequestError, parse_chat, parse_completion, parse_json, parse_messages
 from .worker import Job, Worker
 
@@ -36,98 +36,120 @@ def _status(e: Exception) -> int:
     return 500
 
 
+def _error(api: str, status: int, message: str, param=None, headers=None):
+    from fastapi.responses import JSONResponse
+
+    body = _error_body(api, status, message, param)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _stream_error(api: str, e: Exception) -> str:
+    body = _error_body(api, _status(e), str(e))
+    return sse(body, "error") if api == "messages" else sse(body)
+
+
+async def _next_item(job: Job, request):
+    """The job's next `(kind, payload)`; a client that went away cancels the job."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.out.get(), _POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled.set()
+                return ("gone", None)
+
+
+async def _stream(job: Job, first, fmt, api: str, request):
+    """The SSE lines of a streamed reply; leaving early (hang-up) cancels the job."""
+    try:
+        for line in fmt.start() + fmt.chunks(first):
+            yield line
+        while True:
+            kind, payload = await _next_item(job, request)
+            if kind != "event":
+                if kind == "error":
+                    yield _stream_error(api, payload)
+                return
+            for line in fmt.chunks(payload):
+                yield line
+            if payload.kind == "done":
+                return
+    finally:
+        job.cancelled.set()  # a no-op after "done"; stops the worker otherwise
+
+
+async def _whole(job: Job, first, fmt, api: str, request):
+    """A reply in one JSON body, once the job is done."""
+    from fastapi.responses import JSONResponse
+
+    events = [first]
+    while events[-1].kind != "done":
+        kind, payload = await _next_item(job, request)
+        if kind == "error":
+            return _error(api, _status(payload), str(payload))
+        if kind != "event":
+            return _error(api, 500, "The generation ended without a reply.")
+        events.append(payload)
+    return JSONResponse(fmt.body(events))
+
+
+async def _serve(worker: Worker, model_id: str, request, api: str, parse, fmt_cls):
+    """Parse, queue, wait for the first event (errors before it are plain 4xx/5xx), reply."""
+    from fastapi.responses import StreamingResponse
+
+    try:
+        req = parse(parse_json(await request.body()))
+        if req.include_drafts and not req.stream:
+            raise RequestError("include_drafts needs stream: true.", "include_drafts")
+    except RequestError as e:
+        return _error(api, e.status, str(e), e.param)
+    job = Job(req, asyncio.get_running_loop())
+    try:
+        worker.submit(job)
+    except queue.Full:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        return _error(api, 503, "The server is busy (queue full); retry later.", None, headers)
+    kind, first = await _next_item(job, request)
+    if kind == "error":
+        return _error(api, _status(first), str(first), getattr(first, "param", None))
+    if kind != "event":
+        return _error(api, 500, "The generation ended without a reply.")
+    fmt = fmt_cls(model_id, req.include_usage)
+    if req.stream:
+        body = _stream(job, first, fmt, api, request)
+        return StreamingResponse(body, media_type="text/event-stream")
+    return await _whole(job, first, fmt, api, request)
+
+
 def create_app(model, tokenizer, model_id: str, queue_size: int = 8, cache_size: int = 4):
-    """The FastAPI app serving `model` (one worker thread, started here)."""
+    """The FastAPI app serving `model` (one worker thread, started here).
+
+    Args:
+        model, tokenizer: the loaded model.
+        model_id: the name `/v1/models` lists and replies carry.
+        queue_size: requests that may wait besides the running one (more get 503).
+        cache_size: prompt caches kept for reuse across requests.
+    """
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title="mlx_diffgemma")
     worker = Worker(model, tokenizer, queue_size, cache_size)
     app.state.worker = worker
     created = int(time.time())
 
-    def error(api, status, message, param=None, headers=None):
-        body = _error_body(api, status, message, param)
-        return JSONResponse(body, status_code=status, headers=headers)
-
-    async def next_item(job: Job, request: Request):
-        # Waits for the worker; a client that went away cancels its job.
-        while True:
-            try:
-                return await asyncio.wait_for(job.out.get(), _POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                    return ("gone", None)
-
-    async def serve(request: Request, api: str, parse, fmt_cls):
-        try:
-            req = parse(parse_json(await request.body()))
-            if req.include_drafts and not req.stream:
-                raise RequestError("include_drafts needs stream: true.", "include_drafts")
-        except RequestError as e:
-            return error(api, e.status, str(e), e.param)
-        job = Job(req, asyncio.get_running_loop())
-        try:
-            worker.submit(job)
-        except queue.Full:
-            headers = {"Retry-After": str(RETRY_AFTER_S)}
-            return error(api, 503, "The server is busy (queue full); retry later.", None, headers)
-        fmt = fmt_cls(model_id, req.include_usage)
-        first = await next_item(job, request)
-        if first[0] == "error":
-            e = first[1]
-            return error(api, _status(e), str(e), getattr(e, "param", None))
-        if first[0] != "event":
-            return error(api, 500, "The generation ended without a reply.")
-        if req.stream:
-            return StreamingResponse(
-                _stream(job, first[1], fmt, api, request), media_type="text/event-stream"
-            )
-        events = [first[1]]
-        while events[-1].kind != "done":
-            kind, payload = await next_item(job, request)
-            if kind == "error":
-                return error(api, _status(payload), str(payload))
-            if kind != "event":
-                return error(api, 500, "The generation ended without a reply.")
-            events.append(payload)
-        return JSONResponse(fmt.body(events))
-
-    async def _stream(job: Job, first, fmt, api: str, request: Request):
-        try:
-            for line in fmt.start() + fmt.chunks(first):
-                yield line
-            while True:
-                kind, payload = await next_item(job, request)
-                if kind != "event":
-                    if kind == "error":
-                        yield _stream_error(api, payload)
-                    return
-                for line in fmt.chunks(payload):
-                    yield line
-                if payload.kind == "done":
-                    return
-        finally:
-            job.cancelled.set()  # a no-op after "done"; stops the worker otherwise
-
-    def _stream_error(api: str, e: Exception) -> str:
-        from .formats import sse
-
-        body = _error_body(api, _status(e), str(e))
-        return sse(body, "error") if api == "messages" else sse(body)
-
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await serve(request, "chat", parse_chat, OpenAIChat)
+        return await _serve(worker, model_id, request, "chat", parse_chat, OpenAIChat)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await serve(request, "completions", parse_completion, OpenAICompletion)
+        fmt = OpenAICompletion
+        return await _serve(worker, model_id, request, "completions", parse_completion, fmt)
 
     @app.post("/v1/messages")
     async def messages(request: Request):
-        return await serve(request, "messages", parse_messages, AnthropicMessages)
+        fmt = AnthropicMessages
+        return await _serve(worker, model_id, request, "messages", parse_messages, fmt)
 
     @app.get("/v1/models")
     async def models():
