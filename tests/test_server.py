@@ -249,6 +249,7 @@ def test_anthropic_messages(claude):
         text = "".join(s.text_stream)
         final = s.get_final_message()
     assert text == r.content[0].text == final.content[0].text
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (r.usage.input_tokens, 16)
     tools = [
         {
             "name": "get_weather",
