@@ -12,7 +12,7 @@ the model then continues. `<|tool_response>` is an EOS id, so generation stops a
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
 QUOTE = '<|"|>'
@@ -176,6 +176,3 @@ class _Parser:
             self.expect(close)
             return out
 
-
-def tool_names(tools: Optional[List[Dict[str, Any]]]) -> List[str]:
-    return [t["name"] for t in tools or ()]
