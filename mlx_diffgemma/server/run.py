@@ -1,0 +1,348 @@
+"""One request on the model: a generator of `Event`s, API-neutral.
+
+Events: "reasoning" and "content" text deltas (each committed canvas, as soon as it is
+committed), "draft" (one denoising step, opt-in), and a last "done" with the finish
+reason, tool calls and token counts. Closing the generator stops the model's work.
+"""
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List
+
+from ..generate import PromptCache, resolve_config, stream_generate
+from ..infill import Hole, InfillTemplate, stream_infill
+from ..structured import json_template, spec_from_json_schema, validate_json
+from .prompt import has_tools, plain_messages, tool_prompt_ids
+from .protocol import GREEDY_TEMPERATURE, GenRequest, RequestError
+from .textstream import TextStream, clean
+
+JSON_OBJECT_TOKENS = 64  # the string budget of response_format json_object without max_tokens
+JSON_ATTEMPTS = 3  # seeds tried before a structured reply that does not validate is an error
+
+log = logging.getLogger("mlx_diffgemma.server")
+
+
+@dataclass
+class Event:
+    kind: str  # "reasoning", "content", "draft" or "done"
+    text: str = ""
+    data: Dict[str, Any] = field(default_factory=dict)
+
+
+class GenerationError(RuntimeError):
+    """The model's output could not be made valid (HTTP 500)."""
+
+
+class CacheStore:
+    """A few `PromptCache`s, most recent last, each found by the ids its K/V hold.
+
+    A request reuses a cache whose encoded ids (`PromptCache.tokens`) begin its own
+    prompt's ids, and encodes only the rest: the chat template renders the whole history,
+    so a follow-up turn reuses the earlier prompt, and the earlier answer as far as the
+    cache encoded it (the last canvas of an answer is never encoded: see `PromptCache`).
+    The ids that reach the model are the same with or without the cache, so a seed
+    gives the same reply either way. A cache's `pending` ids are dropped: the new prompt
+    carries the history as the template renders it.
+    """
+
+    def __init__(self, model, size: int):
+        self.model, self.size = model, size
+        self.entries: List[PromptCache] = []
+
+    def take(self, ids: List[int]):
+        """`(cache, ids still to encode)`: a stored cache that prefixes `ids`, or a fresh one."""
+        for cache in reversed(self.entries):
+            held = cache.tokens
+            if 0 < len(held) < len(ids) and ids[: len(held)] == held:
+                self.entries.remove(cache)
+                cache.pending = []
+                return cache, ids[len(held) :]
+        return PromptCache(self.model), ids
+
+    def put(self, cache: PromptCache):
+        if self.size > 0 and cache.tokens:
+            self.entries.append(cache)
+            del self.entries[: -self.size]
+
+
+def sampler_settings(model, req: GenRequest) -> Dict[str, Any]:
+    """DiffusionConfig overrides of a request (temperature mapping in protocol.py)."""
+    out = {"max_denoising_steps": req.max_denoising_steps, "entropy_bound": req.entropy_bound}
+    if req.temperature is not None:
+        base = resolve_config(model)
+        t = max(req.temperature, GREEDY_TEMPERATURE)
+        out.update(t_max=t, t_min=t * base.t_min / base.t_max)
+    return out
+
+
+def run(model, tokenizer, req: GenRequest, caches: CacheStore) -> Iterator[Event]:
+    """The events of one request (see the module docstring).
+
+    Raises:
+        RequestError: before the first event, for requests the model cannot run.
+        GenerationError: a structured reply failed validation on every attempt.
+    """
+    kwargs = dict(sampler_settings(model, req), seed=req.seed)
+    if req.seed is None:
+        kwargs["seed"] = secrets.randbits(31)
+    if req.schema is not None or req.json_object:
+        return _structured(model, tokenizer, req, kwargs)
+    if req.suffix is not None:
+        return _fill_in_middle(model, tokenizer, req, kwargs)
+    return _generate(model, tokenizer, req, caches, kwargs)
+
+
+def _usage(last, cached: int) -> Dict[str, int]:
+    prompt = cached + (last.prompt_tokens if last else 0)
+    done = last.generation_tokens if last else 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": done,
+        "total_tokens": prompt + done,
+        "cached_tokens": cached,
+    }
+
+
+def _done(reason, last, cached, calls, stop_hit) -> Event:
+    data = {
+        "finish_reason": reason,
+        "tool_calls": calls,
+        "usage": _usage(last, cached),
+        "seed": last.seed if last else None,
+        "stop_sequence": stop_hit,
+    }
+    return Event("done", data=data)
+
+
+def _draft(r) -> Event:
+    accepted = [i for i, a in enumerate(r.draft_accepted) if a]
+    return Event(
+        "draft",
+        r.draft_text,
+        {"block": r.block_index, "step": r.step, "accepted": accepted},
+    )
+
+
+def prompt_ids(tokenizer, req: GenRequest) -> List[int]:
+    """The whole prompt of a request as token ids (chat: through the chat template)."""
+    if req.api == "completions":
+        ids = tokenizer.encode(req.prompt)
+        bos = tokenizer.bos_token_id
+        return ids if ids[:1] == [bos] else [bos] + ids
+    thinking = bool(req.enable_thinking)
+    if has_tools(req):
+        return tool_prompt_ids(tokenizer, req, thinking)
+    try:
+        return tokenizer.apply_chat_template(
+            plain_messages(req.messages), add_generation_prompt=True, enable_thinking=thinking
+        )
+    except ValueError as e:
+        raise RequestError(str(e), "messages") from None
+
+
+def _generate(model, tokenizer, req, caches, kwargs) -> Iterator[Event]:
+    cache, ids = caches.take(prompt_ids(tokenizer, req))
+    cached = cache.offset
+    events = stream_generate(
+        model,
+        tokenizer,
+        ids,
+        max_tokens=req.max_tokens,
+        prompt_cache=cache,
+        drafts=req.include_drafts,
+        **kwargs,
+    )
+    stream = TextStream(req.stop, tools=has_tools(req))
+    return _drive(events, stream, lambda: caches.put(cache), cached)
+
+
+def _drive(events, stream, keep_cache, cached) -> Iterator[Event]:
+    last, finished, calls = None, False, []
+    try:
+        for r in _checked(events):
+            last = r
+            if r.kind == "draft":
+                yield _draft(r)
+                continue
+            if r.thinking:
+                yield Event("reasoning", clean(r.thinking))
+            text = stream.add(r.text)
+            if text:
+                yield Event("content", text)
+            if stream.stopped:
+                break
+        content, calls = stream.finish()
+        if content:
+            yield Event("content", content)
+        finished = True
+    finally:
+        events.close()
+        if finished:  # not after a hang-up: the client will not continue this conversation
+            keep_cache()
+    reason = "stop" if stream.stopped else (last.finish_reason if last else "stop")
+    if calls:
+        reason = "tool_calls"
+    yield _done(reason, last, cached, calls, stream.hit)
+
+
+def _checked(events):
+    """`events`, with the errors of its first step (validation) as RequestErrors."""
+    try:
+        first = next(events)
+    except StopIteration:
+        return
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    yield first
+    yield from events
+
+
+def _fill_in_middle(model, tokenizer, req, kwargs) -> Iterator[Event]:
+    budget = req.max_tokens or resolve_config(model).max_new_tokens
+    try:
+        template = InfillTemplate(tokenizer, req.prompt, [Hole(budget), req.suffix])
+    except ValueError as e:
+        raise RequestError(str(e), "suffix") from None
+    kwargs.pop("max_tokens", None)
+    events = stream_infill(model, tokenizer, template, drafts=req.include_drafts, **kwargs)
+    return _drive_fill(events, template, budget, TextStream(req.stop, tools=False))
+
+
+def _drive_fill(events, template, budget, stream) -> Iterator[Event]:
+    ids, sent, last, end = [], "", None, None
+    try:
+        for r in _checked(events):
+            last = r
+            if r.kind == "draft":
+                yield _draft(r)
+                continue
+            ids += r.token_ids
+            slots = ids[:budget]
+            # A pad or EOS id ends the fill (see infill.py); so does the hole's end.
+            end = next((i for i, t in enumerate(slots) if t in template.fillers), None)
+            done = end is not None or len(ids) >= budget
+            text = template.tokenizer.decode(slots[:end])
+            if not done:
+                text = text.rstrip("\ufffd")  # a character split across canvases waits
+            delta, sent = text[len(sent) :], text
+            out = stream.add(delta)
+            if out:
+                yield Event("content", out)
+            if done or stream.stopped:
+                break
+        out, _ = stream.finish()
+        if out:
+            yield Event("content", out)
+    finally:
+        events.close()
+    reason = "stop" if stream.stopped or end is not None else "length"
+    yield _done(reason, last, 0, [], stream.hit)
+
+
+_SCHEMA_KEYS = {
+    "object": {"properties", "required", "additionalProperties"},
+    "array": {"items", "minItems", "maxItems"},
+    "string": {"x-max-tokens"},
+    "integer": {"x-max-tokens"},
+    "number": {"x-max-tokens"},
+    "boolean": set(),
+}
+_ANNOTATIONS = {"type", "title", "description", "$schema", "examples", "default"}
+
+
+def check_schema(schema: Dict[str, Any], path: str = "$"):
+    """Refuse JSON Schema keywords the clamped canvas cannot enforce (RequestError)."""
+    kind = schema.get("type")
+    allowed = _SCHEMA_KEYS.get(kind) if isinstance(kind, str) else None
+    param = "response_format.json_schema.schema"
+    if allowed is None:
+        raise RequestError(
+            f"{path}: type {kind!r} cannot be enforced; use object, array, string, integer, "
+            "number or boolean.",
+            param,
+        )
+    for key in schema:
+        if key not in allowed and key not in _ANNOTATIONS:
+            raise RequestError(
+                f"{path}: the keyword {key!r} cannot be enforced by structured output "
+                f"(a {kind} may use {sorted(allowed) or 'no keywords'}).",
+                param,
+            )
+    if kind == "object":
+        props = schema.get("properties") or {}
+        missing = set(schema.get("required") or ()) - set(props)
+        if missing:
+            raise RequestError(f"{path}: required {sorted(missing)} are not properties.", param)
+        for k, v in props.items():
+            check_schema(v, f"{path}.{k}")
+    elif kind == "array" and isinstance(schema.get("items"), dict):
+        check_schema(schema["items"], f"{path}[]")
+
+
+def json_spec(req: GenRequest):
+    """The skeleton of a response_format request."""
+    if req.json_object:
+        n = req.max_tokens or JSON_OBJECT_TOKENS
+        return {"content": f"string:{max(1, n - 8)}"}
+    check_schema(req.schema)
+    try:
+        return spec_from_json_schema(req.schema)
+    except ValueError as e:
+        raise RequestError(str(e), "response_format.json_schema.schema") from None
+
+
+def _structured(model, tokenizer, req, kwargs) -> Iterator[Event]:
+    if has_tools(req):
+        raise RequestError("tools and response_format cannot be combined.", "response_format")
+    if req.enable_thinking:
+        raise RequestError(
+            "Thinking and response_format cannot be combined (the canvas starts with the "
+            "JSON); turn thinking off.",
+            "reasoning_effort",
+        )
+    spec = json_spec(req)
+    try:
+        template = json_template(tokenizer, spec)
+    except ValueError as e:
+        raise RequestError(str(e), "response_format") from None
+    messages = plain_messages(req.messages)
+    return _drive_json(model, tokenizer, template, spec, messages, req, kwargs)
+
+
+def _drive_json(model, tokenizer, template, spec, messages, req, kwargs) -> Iterator[Event]:
+    problems, seed = [], kwargs.pop("seed")
+    max_tokens = None if req.json_object else req.max_tokens
+    for attempt in range(JSON_ATTEMPTS):
+        events = stream_infill(
+            model,
+            tokenizer,
+            template,
+            messages=messages,
+            max_tokens=max_tokens,
+            seed=seed + attempt,
+            drafts=req.include_drafts,
+            **kwargs,
+        )
+        ids, last = [], None
+        try:
+            for r in _checked(events):
+                last = r
+                if r.kind == "draft":
+                    yield _draft(r)
+                else:
+                    ids += r.token_ids
+        finally:
+            events.close()
+        text, _ = template.complete(ids)
+        _, problems = validate_json(text, spec)
+        if not problems:
+            yield Event("content", text)
+            yield _done("stop", last, 0, [], None)
+            return
+        log.warning(
+            "structured reply with seed %d: %s; trying the next seed", seed + attempt, problems[0]
+        )
+    raise GenerationError(
+        f"The structured reply did not validate after {JSON_ATTEMPTS} seeds: {problems[0]}"
+    )
