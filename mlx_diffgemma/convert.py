@@ -352,7 +352,13 @@ def make_plan(
     quant_recipe: str = "mixed",
     max_shard_bytes: Optional[int] = None,
 ) -> Plan:
-    """Everything the conversion will write, computed from headers and config alone."""
+    """Everything the conversion will write, computed from headers and config alone.
+
+    The vision tower is kept when the checkpoint stores it (quantized only by the
+    uniform recipe); without vision weights the output is text-only.
+    """
+    if not any(t.key.startswith("model.encoder.vision_tower.") for t in stored):
+        config = {**config, "vision_config": None}
     model = build_lazy_model(config)
     quant, block = {}, None
     if quantize:
@@ -468,7 +474,7 @@ def write_weights(plan: Plan, folder: Path, log=print) -> None:
 
 
 def output_config(config: dict, quantization: Optional[dict], dtype: Optional[str]) -> dict:
-    """config.json of the output (`mlx_lm.utils.save_config` drops `vision_config`)."""
+    """config.json of the output (`save_config` drops `vision_config` unless told to keep it)."""
     out = copy.deepcopy(config)
     out.pop("quantization_config", None)
     if quantization is not None:
@@ -497,8 +503,19 @@ def recipe_summary(plan: Plan, quantize: bool, q_bits: int, q_group_size: int, r
     return f"{what}: {bpw:.2f} bits per weight, {plan.total_bytes / 1e9:.2f} GB"
 
 
+def plan_has_vision(plan: Plan) -> bool:
+    """Whether the conversion writes the vision tower."""
+    return any(".vision_tower." in o.key for s in plan.shards for o in s)
+
+
 def write_model_card(
-    folder: Path, name: str, hf_path: str, summary: str, n_layers: int, repo: Optional[str]
+    folder: Path,
+    name: str,
+    hf_path: str,
+    summary: str,
+    n_layers: int,
+    repo: Optional[str],
+    vision: bool = False,
 ) -> None:
     """README.md with Hugging Face front matter: what was converted, how, and how to run it."""
     base = hf_path if not Path(hf_path).expanduser().exists() else None
@@ -508,13 +525,18 @@ def write_model_card(
     front += ["tags:", "- mlx", "- diffusion", "- mlx_diffgemma", "---", ""]
     name = repo or name
     source = f"[{base}](https://huggingface.co/{base})" if base else "a local checkpoint"
+    images = (
+        "- Images: the vision tower and its projector are kept (see the mlx_diffgemma README)."
+        if vision
+        else "- **Text only**: the checkpoint had no vision tower, so this copy takes text\n"
+        "  prompts, not images."
+    )
     body = f"""# {name}
 
 DiffusionGemma (block text diffusion) converted to MLX from {source} with `mlx_diffgemma.convert`.
 
 - Weights: {summary}.
-- **Text only**: the vision tower and its projector were dropped, so this copy takes text
-  prompts, not images.
+{images}
 - Tied weights are stored once: the encoder shares every weight with the decoder except its
   {n_layers} `layer_scalar`s, and the LM head is the embedding.
 
@@ -667,10 +689,11 @@ def convert(
         config, read_checkpoint_tensors(src), quantize, q_bits, q_group_size, dtype, quant_recipe
     )
     summary = recipe_summary(plan, quantize, q_bits, q_group_size, quant_recipe)
-    vision = sum(1 for k in plan.dropped if ".vision_tower." in k or ".embed_vision." in k)
+    vision = plan_has_vision(plan)
     print(
-        f"[INFO] {len(plan.jobs)} tensors to convert ({vision} vision tensors dropped: "
-        f"text only); {summary} in {len(plan.shards)} shard(s)"
+        f"[INFO] {len(plan.jobs)} tensors to convert "
+        f"({'vision tower kept' if vision else 'text only: no vision tower'}); "
+        f"{summary} in {len(plan.shards)} shard(s)"
     )
 
     check_disk_space(dst, plan.total_bytes + (64 << 20))  # plus tokenizer and slack
@@ -680,9 +703,13 @@ def convert(
     try:
         write_weights(plan, tmp)
         copy_side_files(src, tmp)
-        save_config(output_config(config, plan.quantization, dtype), tmp / "config.json")
+        save_config(
+            output_config(config, plan.quantization, dtype),
+            tmp / "config.json",
+            keep_vision_config=vision,
+        )
         n_layers = ModelArgs.from_dict(config).num_hidden_layers
-        write_model_card(tmp, dst.name, str(hf_path), summary, n_layers, upload_repo)
+        write_model_card(tmp, dst.name, str(hf_path), summary, n_layers, upload_repo, vision)
         verify_output(tmp, plan)
         _install(tmp, dst)
     except BaseException:
@@ -725,7 +752,7 @@ def _terminate(signum, frame):
 @click.option("--upload-repo", default=None, help="Hugging Face repo to upload the result to.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --mlx-path.")
 def convert_command(q_bits, q_group_size, **kwargs):
-    """Convert a DiffusionGemma checkpoint to MLX (text only)."""
+    """Convert a DiffusionGemma checkpoint to MLX (the vision tower kept when present)."""
     try:
         convert(q_bits=int(q_bits), q_group_size=int(q_group_size), **kwargs)
     except (ValueError, OSError, RuntimeError) as e:

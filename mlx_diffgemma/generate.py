@@ -18,6 +18,7 @@ import mlx.core as mx
 from . import sampler as S
 from .block_diffusion import DenoiseStep, generate_step, prefill
 from .config import DiffusionConfig
+from .images import prompt_images
 from .tokenizer import split_thinking
 
 Prompt = Union[str, Sequence[int], mx.array, Sequence[Dict[str, Any]]]
@@ -398,7 +399,8 @@ def stream_generate(
         model: a loaded model.
         tokenizer: its tokenizer.
         prompt: chat messages (dicts with `role` and `content`, rendered with the
-            checkpoint's chat template), text (encoded as is, BOS added) or token ids.
+            checkpoint's chat template; content parts may be images, see `images.py`),
+            text (encoded as is, BOS added) or token ids.
             With a `prompt_cache` that holds a conversation, give only the new messages.
         max_tokens: output tokens at most; defaults to the checkpoint's `max_new_tokens`.
         config: sampler settings; defaults to the checkpoint's (`model.generation_config`).
@@ -418,7 +420,7 @@ def stream_generate(
 
     Raises:
         ValueError: empty prompt, invalid setting, prompt and canvases longer than the
-            model's context, or a layout longer than `max_tokens`.
+            model's context, a layout longer than `max_tokens`, or an unusable image.
     """
     if layout is not None and max_tokens is None:
         max_tokens = len(layout)
@@ -430,7 +432,8 @@ def stream_generate(
         )
     cache = prompt_cache if prompt_cache is not None else PromptCache(model)
     cache._check()
-    new = cache.pending + _prompt_ids(tokenizer, prompt, cache, enable_thinking)
+    ids = _prompt_ids(tokenizer, prompt, cache, enable_thinking)
+    new, images = prompt_images(model, prompt, cache.pending, ids, cache.offset, config)
     _check_context(model, cache, len(new), config)
     seed = secrets.randbits(31) if seed is None else seed
     C = model.args.canvas_length
@@ -472,7 +475,10 @@ def stream_generate(
     events = None
     try:
         tic = time.perf_counter()
-        prefill(model, mx.array([new], dtype=mx.int32), cache.layers)
+        if images is None:
+            prefill(model, mx.array([new], dtype=mx.int32), cache.layers)
+        else:  # soft tokens in, each image's run whole in one chunk
+            images.prefill(model, new, cache.layers)
         gen_start = time.perf_counter()
         prompt_tps = len(new) / (gen_start - tic)
         key, draws, canvas = mx.random.key(seed), None, {}

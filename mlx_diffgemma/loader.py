@@ -53,14 +53,38 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def _has_vision_weights(path: Path) -> bool:
+    """Whether the folder stores the vision tower (read from the index or the headers)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            keys = json.load(f)["weight_map"]
+    else:
+        from safetensors import safe_open
+
+        keys = []
+        for file in path.glob("model*.safetensors"):
+            with safe_open(str(file), "numpy") as h:
+                keys += list(h.keys())
+    return any(k.startswith("model.encoder.vision_tower.") for k in keys)
+
+
 def load_model(path_or_repo: Union[str, Path], lazy: bool = False) -> Model:
-    """Load the model alone, with its sampler settings in `model.generation_config`."""
+    """Load the model alone, with its sampler settings in `model.generation_config`.
+
+    The vision tower is built when the folder stores it; a text-only folder (no vision
+    weights, whatever its `vision_config`) loads as a text-only model.
+    """
     path = get_model_path(path_or_repo)
     read_config(path)
     if not any(path.glob("model*.safetensors")):
         raise FileNotFoundError(f"No model*.safetensors weights in {path}.")
+    text_only = None if _has_vision_weights(path) else {"vision_config": None}
     model, _ = _mlx_lm_load_model(
-        path, lazy=lazy, get_model_classes=lambda config: (Model, ModelArgs)
+        path,
+        lazy=lazy,
+        model_config=text_only,
+        get_model_classes=lambda config: (Model, ModelArgs),
     )
     # Non-parameter arrays (RoPE frequencies) are lazy too; evaluating them here lets
     # the model run from any thread (a lazy array belongs to its creating thread's stream).
