@@ -50,7 +50,9 @@ class VisionConfig:
                 "Gemma 4 uses 'gelu_pytorch_tanh'."
             )
         if self.attention_bias:
-            raise ValueError("vision_config.attention_bias=True is not supported; Gemma 4 has none.")
+            raise ValueError(
+                "vision_config.attention_bias=True is not supported; Gemma 4 has none."
+            )
         # transformers maps the release's "default" to "axial" (the same 2-D rope).
         rope_type = self.rope_parameters.get("rope_type", "axial")
         if rope_type not in ("default", "axial"):
@@ -232,9 +234,7 @@ class VisionModel(nn.Module):
         # Pooled, scaled and standardised in float32: the scaling can exceed fp16's range.
         pooled = pool_by_position(h, positions, k) * self.config.hidden_size**0.5
         if self.config.standardize:
-            pooled = (pooled - self.std_bias.astype(mx.float32)) * self.std_scale.astype(
-                mx.float32
-            )
+            pooled = (pooled - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
         return pooled.astype(h.dtype)
 
 
