@@ -173,8 +173,8 @@ class PatchEmbedder(nn.Module):
 
     def __call__(self, pixel_values, positions):
         # Pixels arrive in [0, 1]; Gemma 4 maps them to [-1, 1] here, not in the processor.
-        h = self.input_proj((2 * (pixel_values - 0.5)).astype(self.input_proj.weight.dtype))
-        table = self.position_embedding_table
+        table = self.position_embedding_table  # never quantized: its dtype is the tower's
+        h = self.input_proj((2 * (pixel_values - 0.5)).astype(table.dtype))
         return h + table[0][positions[:, 0]] + table[1][positions[:, 1]]
 
 

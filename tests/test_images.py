@@ -238,3 +238,28 @@ def test_pil_and_path_inputs_give_the_same_tokens(vtiny, tmp_path):
     assert np.array_equal(a.pixel_values, b.pixel_values)
     fa, fb = (PromptImages([x]).features(model) for x in (a, b))
     assert mx.array_equal(fa, fb).item()
+
+
+def test_quantized_tower_runs_close_to_float():
+    """The uniform recipe quantizes the tower where groups divide (8-bit here)."""
+    import mlx.nn as nn
+
+    from mlx_diffgemma.vision import make_vision
+
+    config = {**VISION, "hidden_size": 64, "intermediate_size": 128, "head_dim": 32,
+              "patch_size": 8}  # fmt: skip
+    mx.random.seed(0)
+    tower, embed = make_vision(config, 64)
+    for m in (tower, embed):
+        m.load_weights(
+            [(k, mx.random.normal(v.shape) * 0.1) for k, v in tree_flatten(m.parameters())]
+        )
+    image = preprocess_image(picture(40, 56), 70, 8, 3)
+    x, pos = mx.array(image.pixel_values), mx.array(image.positions)
+    ref = embed(tower(x, pos))
+    for m in (tower, embed):
+        nn.quantize(m, group_size=64, bits=8)
+    assert tower.patch_embedder.input_proj.bits == 8
+    got = embed(tower(x, pos))
+    assert got.dtype == mx.float32
+    assert float(mx.abs(got - ref).max()) < 0.05 * float(mx.abs(ref).max())
