@@ -263,3 +263,13 @@ def test_quantized_tower_runs_close_to_float():
     got = embed(tower(x, pos))
     assert got.dtype == mx.float32
     assert float(mx.abs(got - ref).max()) < 0.05 * float(mx.abs(ref).max())
+
+
+def test_attention_query_blocks_change_nothing(vtiny, monkeypatch):
+    import mlx_diffgemma.vision as vision
+
+    model, _ = vtiny
+    image = PromptImages([preprocess_image(picture(), 280, 4, 3)])
+    whole = image.features(model)
+    monkeypatch.setattr(vision, "QUERY_BLOCK", 100)  # 2,394 patches: 24 blocks
+    assert mx.array_equal(image.features(model), whole).item()
