@@ -88,12 +88,11 @@ class PromptImages:
 
     def features(self, model) -> mx.array:
         """All images' soft tokens in text space, concatenated: (soft_tokens, hidden)."""
-        return mx.concatenate(
-            [
-                model.image_features(mx.array(im.pixel_values), mx.array(im.positions))
-                for im in self.images
-            ]
-        )
+        out = []
+        for im in self.images:  # one tower pass at a time bounds the peak memory
+            out.append(model.image_features(mx.array(im.pixel_values), mx.array(im.positions)))
+            mx.eval(out[-1])
+        return mx.concatenate(out)
 
     def prefill(self, model, ids: Sequence[int], cache: List[Any], step_size: int = 512):
         """Encode `ids` (one row) into `cache` in chunks that keep every image run whole."""
@@ -101,7 +100,6 @@ class PromptImages:
         is_image = ids == model.args.image_token_id
         is_image[: self.start] = False
         features = self.features(model)
-        mx.eval(features)
         done = 0
         for a, b in chunk_bounds(is_image, self.start, step_size):
             n = int(is_image[a:b].sum())
