@@ -161,7 +161,8 @@ def prompt_images(
     is_messages = isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict)
     parts = image_parts(prompt) if is_messages else []
     if not parts:
-        if a.image_token_id in ids:
+        # (getattr: a stand-in model without image ids takes text alone)
+        if getattr(a, "image_token_id", None) in ids:
             raise ValueError(
                 "The prompt holds image placeholders (<|image|>) but no images; pass chat "
                 'messages with {"type": "image", "image": ...} parts.'
