@@ -105,8 +105,9 @@ def load_image(image: Any) -> np.ndarray:
             uint8 array (H, W), (H, W, 3) or (H, W, 4).
 
     Raises:
-        ValueError: the path does not exist, the file cannot be decoded (unreadable or unsupported format), or an
-            array has the wrong dtype or shape, or the input is of another type.
+        ValueError: the path does not exist, the file cannot be decoded (unreadable or
+            unsupported format), an array has the wrong dtype or shape, or the input is of
+            another type.
     """
     from PIL import Image
 

@@ -360,7 +360,8 @@ def _content(message: dict) -> str:
             parts.append(IMAGE_PLACEHOLDER)
         else:
             raise ValueError(
-                f"Content part type {part.get('type')!r} is not supported; use text and image parts."
+                f"Content part type {part.get('type')!r} is not supported; "
+                "use text and image parts."
             )
     return "".join(parts)
 
