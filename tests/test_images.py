@@ -273,3 +273,31 @@ def test_attention_query_blocks_change_nothing(vtiny, monkeypatch):
     whole = image.features(model)
     monkeypatch.setattr(vision, "QUERY_BLOCK", 100)  # 2,394 patches: 24 blocks
     assert mx.array_equal(image.features(model), whole).item()
+
+
+def test_release_vision_keys_and_shapes():
+    """SPEC section 4.2: 355 vision tensors + 1 projector, with these shapes (lazy, no memory)."""
+    from mlx_diffgemma.convert import build_lazy_model
+
+    release = {
+        "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 72,
+        "patch_size": 16, "pooling_kernel_size": 3, "position_embedding_size": 10240,
+        "standardize": True,
+    }  # fmt: skip
+    model = build_lazy_model({"model_type": "diffusion_gemma", "vision_config": release})
+    shapes = {
+        k: tuple(v.shape)
+        for k, v in tree_flatten(model.parameters())
+        if ".vision_tower." in k or ".embed_vision." in k
+    }
+    assert len(shapes) == 356
+    tower, layer = "model.encoder.vision_tower.", "model.encoder.vision_tower.encoder.layers.26."
+    assert shapes[tower + "patch_embedder.input_proj.weight"] == (1152, 768)
+    assert shapes[tower + "patch_embedder.position_embedding_table"] == (2, 10240, 1152)
+    assert shapes[tower + "std_bias"] == shapes[tower + "std_scale"] == (1152,)
+    assert shapes[layer + "self_attn.q_proj.linear.weight"] == (1152, 1152)
+    assert shapes[layer + "self_attn.k_norm.weight"] == (72,)
+    assert shapes[layer + "mlp.down_proj.linear.weight"] == (1152, 4304)
+    assert shapes["model.encoder.embed_vision.embedding_projection.weight"] == (2816, 1152)
+    assert sum(np.prod(s) for s in shapes.values()) == 572_794_416  # SPEC section 4.3
