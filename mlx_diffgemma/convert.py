@@ -286,7 +286,13 @@ def make_plan(
     quant_recipe: str = "mixed",
     max_shard_bytes: Optional[int] = None,
 ) -> Plan:
-    """Everything the conversion will write, computed from headers and config alone."""
+    """Everything the conversion will write, computed from headers and config alone.
+
+    The vision tower is kept when the checkpoint stores it (quantized only by the
+    uniform recipe); without vision weights the output is text-only.
+    """
+    if not any(t.key.startswith("model.encoder.vision_tower.") for t in stored):
+        config = {**config, "vision_config": None}
     model = build_lazy_model(config)
     quant, block = {}, None
     if quantize:
@@ -401,15 +407,19 @@ def write_weights(plan: Plan, folder: Path, log=print) -> None:
         json.dump(index, f, indent=4)
 
 
-def output_config(config: dict, quantization: Optional[dict], dtype: Optional[str]) -> dict:
-    """config.json of the (text-only) output.
+def output_config(
+    config: dict, quantization: Optional[dict], dtype: Optional[str], vision: bool = False
+) -> dict:
+    """config.json of the output.
 
-    `"vision_config": null` says "no vision tower": mlx-vlm's strict loader then builds
-    none, where a missing key would build a default tower and miss its weights.
+    A text-only output gets `"vision_config": null`, which says "no vision tower":
+    mlx-vlm's strict loader then builds none, where a missing key would build a default
+    tower and miss its weights. An output that keeps the tower keeps its vision_config.
     """
     out = copy.deepcopy(config)
     out.pop("quantization_config", None)
-    out["vision_config"] = None
+    if not vision:
+        out["vision_config"] = None
     if quantization is not None:
         out["quantization"] = quantization
     if dtype is not None:
@@ -460,8 +470,19 @@ def recipe_summary(plan: Plan, quantize: bool, q_bits: int, q_group_size: int, r
     return f"{what}: {bpw:.2f} bits per weight, {plan.total_bytes / 1e9:.2f} GB"
 
 
+def plan_has_vision(plan: Plan) -> bool:
+    """Whether the conversion writes the vision tower."""
+    return any(".vision_tower." in o.key for s in plan.shards for o in s)
+
+
 def write_model_card(
-    folder: Path, name: str, hf_path: str, summary: str, n_layers: int, repo: Optional[str]
+    folder: Path,
+    name: str,
+    hf_path: str,
+    summary: str,
+    n_layers: int,
+    repo: Optional[str],
+    vision: bool = False,
 ) -> None:
     """README.md with Hugging Face front matter: what was converted, how, and how to run it."""
     base = hf_path if not Path(hf_path).expanduser().exists() else None
@@ -471,13 +492,18 @@ def write_model_card(
     front += ["tags:", "- mlx", "- diffusion", "- mlx_diffgemma", "---", ""]
     name = repo or name
     source = f"[{base}](https://huggingface.co/{base})" if base else "a local checkpoint"
+    images = (
+        "- Images: the vision tower and its projector are kept (see the mlx_diffgemma README)."
+        if vision
+        else "- **Text only**: the checkpoint had no vision tower, so this copy takes text\n"
+        "  prompts, not images."
+    )
     body = f"""# {name}
 
 DiffusionGemma (block text diffusion) converted to MLX from {source} with `mlx_diffgemma.convert`.
 
 - Weights: {summary}.
-- **Text only**: the vision tower and its projector were dropped, so this copy takes text
-  prompts, not images.
+{images}
 - Tied weights are stored once: the encoder shares every weight with the decoder except its
   {n_layers} `layer_scalar`s, and the LM head is the embedding.
 
@@ -624,10 +650,11 @@ def convert(
         config, read_checkpoint_tensors(src), quantize, q_bits, q_group_size, dtype, quant_recipe
     )
     summary = recipe_summary(plan, quantize, q_bits, q_group_size, quant_recipe)
-    vision = sum(1 for k in plan.dropped if ".vision_tower." in k or ".embed_vision." in k)
+    vision = plan_has_vision(plan)
     print(
-        f"[INFO] {len(plan.jobs)} tensors to convert ({vision} vision tensors dropped: "
-        f"text only); {summary} in {len(plan.shards)} shard(s)"
+        f"[INFO] {len(plan.jobs)} tensors to convert "
+        f"({'vision tower kept' if vision else 'text only: no vision tower'}); "
+        f"{summary} in {len(plan.shards)} shard(s)"
     )
     warn_low_precision_experts(config, plan)
 
@@ -638,10 +665,10 @@ def convert(
     try:
         write_weights(plan, tmp)
         copy_side_files(src, tmp)
-        out_config = output_config(config, plan.quantization, dtype)
+        out_config = output_config(config, plan.quantization, dtype, vision)
         save_config(out_config, tmp / "config.json", keep_vision_config=True)
         n_layers = ModelArgs.from_dict(config).num_hidden_layers
-        write_model_card(tmp, dst.name, str(hf_path), summary, n_layers, upload_repo)
+        write_model_card(tmp, dst.name, str(hf_path), summary, n_layers, upload_repo, vision)
         verify_output(tmp, plan)
         _install(tmp, dst)
     except BaseException:
@@ -708,7 +735,7 @@ def _terminate(signum, frame):
 @click.option("--upload-repo", default=None, help="Hugging Face repo to upload the result to.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --mlx-path.")
 def convert_command(q_bits, q_group_size, **kwargs):
-    """Convert a DiffusionGemma checkpoint to MLX (text only)."""
+    """Convert a DiffusionGemma checkpoint to MLX (the vision tower kept when present)."""
     # Only the main thread may set signal handlers.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None

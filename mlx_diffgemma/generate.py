@@ -25,6 +25,7 @@ from mlx_lm.generate import wired_limit
 from .block_diffusion import Block, DenoiseStep, generate_step, generation_stream, prefill
 from .canvas import CanvasLayout, check_token_ids
 from .config import DiffusionConfig
+from .images import prompt_images
 from .options import (
     CONTEXT_SETTINGS,
     SAMPLER_FLAGS,
@@ -327,7 +328,8 @@ def stream_generate(
         model: a loaded model.
         tokenizer: its tokenizer.
         prompt: chat messages (dicts with `role` and `content`, rendered with the
-            checkpoint's chat template), text (encoded as is, BOS added) or token ids.
+            checkpoint's chat template; content parts may be images, see `images.py`),
+            text (encoded as is, BOS added) or token ids.
             With a `prompt_cache` that holds a conversation, give only the new messages.
         max_tokens: output tokens at most; defaults to the checkpoint's `max_new_tokens`.
         config: sampler settings; defaults to the checkpoint's (`model.generation_config`).
@@ -348,29 +350,30 @@ def stream_generate(
 
     Raises:
         ValueError: empty prompt, a token id outside the vocabulary, invalid seed or
-            setting, prompt and canvases longer than the model's context, or a layout
-            longer than `max_tokens` or not fitting the model.
+            setting, prompt and canvases longer than the model's context, a layout
+            longer than `max_tokens` or not fitting the model, or an unusable image.
     """
     if layout is not None and max_tokens is None:
         max_tokens = len(layout)
     config = resolve_config(model, config, max_tokens, **settings)
     seed = secrets.randbits(31) if seed is None else check_seed(seed)
     cache = prompt_cache if prompt_cache is not None else PromptCache(model)
-    new = _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking)
+    new, images = _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking)
     with wired_limit(model, [generation_stream()]):
-        yield from _stream(model, tokenizer, cache, new, config, seed, layout, drafts)
+        yield from _stream(model, tokenizer, cache, new, images, config, seed, layout, drafts)
 
 
-def _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking) -> List[int]:
-    """The ids a call encodes, once every check passed (before the first encode, so a
-    refused call leaves the cache as it was)."""
+def _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking):
+    """The ids a call encodes and their images (None without), once every check passed
+    (before the first encode, so a refused call leaves the cache as it was)."""
     if layout is not None:
         layout.check(model.args.vocab_size, config.max_new_tokens)
     cache._check()
-    new = cache.pending + _prompt_ids(tokenizer, prompt, cache, enable_thinking)
-    check_token_ids(new, model.args.vocab_size, "Prompt token id")
+    ids = _prompt_ids(tokenizer, prompt, cache, enable_thinking)
+    check_token_ids(cache.pending + ids, model.args.vocab_size, "Prompt token id")
+    new, images = prompt_images(model, prompt, cache.pending, ids, cache.offset, config)
     _check_context(model, cache, len(new), config)
-    return new
+    return new, images
 
 
 class _Stats:
@@ -432,7 +435,7 @@ def _kept(block: Block, budget: int, last_canvas: bool) -> Tuple[int, Optional[s
     return budget, "length" if stop >= 0 or last_canvas else None
 
 
-def _stream(model, tokenizer, cache: PromptCache, new, config, seed, layout, drafts):
+def _stream(model, tokenizer, cache: PromptCache, new, images, config, seed, layout, drafts):
     """`stream_generate` once its arguments are checked."""
     n_canvases = math.ceil(config.max_new_tokens / model.args.canvas_length)
     conversation = cache.tokens + new  # plus the committed tokens, as they come
@@ -442,7 +445,10 @@ def _stream(model, tokenizer, cache: PromptCache, new, config, seed, layout, dra
     events = None
     try:
         tic = time.perf_counter()
-        prefill(model, mx.array([new], dtype=mx.int32), cache.layers)
+        if images is None:
+            prefill(model, mx.array([new], dtype=mx.int32), cache.layers)
+        else:  # soft tokens in, each image's run whole in one chunk
+            images.prefill(model, new, cache.layers)
         stats.prompt_done(tic)
         events = generate_step(
             mx.zeros((1, 0), dtype=mx.int32),  # the prompt is in the cache already

@@ -169,7 +169,9 @@ def load_model(path_or_repo: Union[str, Path], lazy: bool = False) -> Model:
     """Load the model alone, with its sampler settings in `model.generation_config`.
 
     On the CPU backend, unquantized bf16/fp16 expert matrices are cast to float32 (with a
-    warning on stderr): MLX's CPU expert matmul supports float32 only.
+    warning on stderr): MLX's CPU expert matmul supports float32 only. The vision tower
+    is built when the folder stores it; a text-only folder (no vision weights, whatever
+    its `vision_config`) loads as a text-only model.
     """
     model = load_stored_model(path_or_repo, lazy)
     _experts_in_float32(model)
@@ -180,9 +182,14 @@ def load_stored_model(path_or_repo: Union[str, Path], lazy: bool = False) -> Mod
     """The model with its weights as stored (no CPU cast); what `convert` checks."""
     path = get_model_path(path_or_repo)
     read_config(path)
-    read_checkpoint_tensors(path)
+    tensors = read_checkpoint_tensors(path)
+    vision = any(t.key.startswith("model.encoder.vision_tower.") for t in tensors)
+    text_only = None if vision else {"vision_config": None}
     model, _ = _mlx_lm_load_model(
-        path, lazy=lazy, get_model_classes=lambda config: (Model, ModelArgs)
+        path,
+        lazy=lazy,
+        model_config=text_only,
+        get_model_classes=lambda config: (Model, ModelArgs),
     )
     # Non-parameter arrays (RoPE frequencies) are lazy too; evaluating them here lets
     # the model run from any thread (a lazy array belongs to its creating thread's stream).

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.base import BaseModelArgs, create_causal_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma4_text import geglu
@@ -17,6 +18,18 @@ from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from .cache import SlidingWindowCache, cached_kv
+from .vision import make_vision
+
+
+_VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+_TOP_LEVEL_KEYS = (
+    "canvas_length",
+    "model_type",
+    "image_token_id",
+    "boi_token_id",
+    "eoi_token_id",
+    "vision_config",
+)
 
 
 @dataclass
@@ -48,12 +61,19 @@ class ModelArgs(BaseModelArgs):
     max_position_embeddings: int = 262144
     canvas_length: int = 256
     pad_token_id: int = 0
+    # Images: soft tokens stand at `image_token_id` placeholders; with "vision", the
+    # encoder attends bidirectionally inside each run of them (transformers' mask).
+    use_bidirectional_attention: Optional[str] = None
+    image_token_id: int = 258880
+    boi_token_id: int = 255999
+    eoi_token_id: int = 258882
+    vision_config: Optional[Dict[str, Any]] = None
 
     @classmethod
     def from_dict(cls, params):
         """Accept a top-level DiffusionGemma config (text_config + canvas_length) or a flat text config."""
         text = dict(params.get("text_config", params))
-        for k in ("canvas_length", "model_type"):
+        for k in _TOP_LEVEL_KEYS:
             if k in params:
                 text[k] = params[k]
         return super().from_dict(text)
@@ -86,6 +106,11 @@ class ModelArgs(BaseModelArgs):
         if not self.tie_word_embeddings:
             raise ValueError(
                 "tie_word_embeddings=False is not supported: the LM head is the embedding."
+            )
+        if self.use_bidirectional_attention not in (None, False, "vision"):
+            raise ValueError(
+                f"use_bidirectional_attention={self.use_bidirectional_attention!r} is not "
+                "supported; DiffusionGemma uses 'vision' (or none)."
             )
 
     def attention_dims(self, i: int):
@@ -187,7 +212,25 @@ class Attention(nn.Module):
         v = rms_norm_no_scale(v, self.eps).transpose(0, 2, 1, 3)
         return k, v
 
-    def __call__(self, x, cache, encode: bool):
+    def encode_mask(self, L: int, past: int, blocks: Optional[mx.array]):
+        """The encoder's mask for L queries after `past` cached keys.
+
+        Causal (windowed on sliding layers); with `blocks` (B, L), the image-run id of
+        each token (-1 for text), a token also sees the rest of its run, as transformers'
+        blockwise overlay ORs it in. A run never spans two encode calls.
+        """
+        window = self.window if self.is_sliding else None
+        if blocks is None:
+            if window is not None and past + L > window:
+                return create_causal_mask(L, past, window_size=window)
+            return "causal" if L > 1 else None
+        mask = create_causal_mask(L, past, window_size=window)
+        same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+        if past:
+            same = mx.concatenate([mx.zeros((*same.shape[:2], past), mx.bool_), same], axis=-1)
+        return (mask | same)[:, None]
+
+    def __call__(self, x, cache, encode: bool, blocks: Optional[mx.array] = None):
         B, L, _ = x.shape
         offset = cache.offset
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
@@ -196,10 +239,7 @@ class Attention(nn.Module):
         if encode:
             past = cache.size()
             k, v = cache.update_and_fetch(k, v)
-            if self.is_sliding and past + L > self.window:
-                mask = create_causal_mask(L, past, window_size=self.window)
-            else:
-                mask = "causal" if L > 1 else None
+            mask = self.encode_mask(L, past, blocks)
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         else:
             o = attend_canvas(q, k, v, cached_kv(cache))
@@ -294,8 +334,8 @@ class DecoderLayer(nn.Module):
         h2 = self.post_feedforward_layernorm_2(h2.reshape(r.shape))
         return r + self.post_feedforward_layernorm(h1 + h2)
 
-    def __call__(self, x, cache, encode: bool, layer_scalar: mx.array):
-        h = self.self_attn(self.input_layernorm(x), cache, encode)
+    def __call__(self, x, cache, encode: bool, layer_scalar: mx.array, blocks=None):
+        h = self.self_attn(self.input_layernorm(x), cache, encode, blocks)
         r = x + self.post_attention_layernorm(h)
         ffn = self.feed_forward if encode else self._compiled_feed_forward
         return ffn(r) * layer_scalar
@@ -347,6 +387,10 @@ class Encoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.language_model = EncoderLanguageModel(args)
+        tower, embed = make_vision(args.vision_config, args.hidden_size)
+        if tower is not None:  # absent in text-only folders
+            self.vision_tower = tower
+            self.embed_vision = embed
 
 
 class DiffusionGemmaModel(nn.Module):
@@ -377,17 +421,68 @@ class Model(nn.Module):
             for t in self.args.layer_types
         ]
 
-    def encode(self, input_ids: mx.array, cache: List[Any]) -> None:
+    @property
+    def has_vision(self) -> bool:
+        """Whether the vision tower was loaded (text-only folders have none)."""
+        return "vision_tower" in self.model.encoder
+
+    def image_features(self, pixel_values: mx.array, positions: mx.array) -> mx.array:
+        """The text-space soft tokens of one image (see `vision.VisionModel`).
+
+        Args:
+            pixel_values: (N, 3 * patch_size^2) patches in [0, 1].
+            positions: (N, 2) int (x, y) patch coordinates.
+
+        Returns:
+            (N / pooling_kernel^2, hidden_size) embeddings for the image's placeholders.
+        """
+        if not self.has_vision:
+            raise ValueError(
+                "This model has no vision tower (a text-only folder); convert the original "
+                "checkpoint again to keep it, or send text only."
+            )
+        encoder = self.model.encoder
+        return encoder.embed_vision(encoder.vision_tower(pixel_values, positions))
+
+    def _insert_images(self, input_ids, x, features):
+        # The host reads the ids once per encode call: prompts only, never canvases.
+        is_image = np.array(input_ids) == self.args.image_token_id
+        if int(is_image.sum()) != features.shape[0]:
+            raise ValueError(
+                f"{features.shape[0]} image soft tokens were given for {int(is_image.sum())} "
+                f"image placeholders (id {self.args.image_token_id}) in the input."
+            )
+        B, L, H = x.shape
+        flat = x.reshape(B * L, H)
+        flat[mx.array(np.flatnonzero(is_image))] = features.astype(x.dtype)
+        if self.args.use_bidirectional_attention != "vision":
+            return flat.reshape(B, L, H), None
+        starts = is_image & ~np.pad(is_image, ((0, 0), (1, 0)))[:, :-1]
+        blocks = np.where(is_image, np.cumsum(starts, axis=1) - 1, -1)
+        return flat.reshape(B, L, H), mx.array(blocks)
+
+    def encode(
+        self, input_ids: mx.array, cache: List[Any], image_features: Optional[mx.array] = None
+    ) -> None:
         """Causal pass over `input_ids` (B, L) that appends their K/V to `cache`.
 
         Positions continue after the tokens already in the cache. Only K/V matter here,
         so the last layer computes just its K/V (no attention, FFN or final norm).
+
+        With `image_features` (n, hidden), their rows replace the embeddings of the n
+        `image_token_id` placeholders, in order, and (with `use_bidirectional_attention`
+        "vision") the tokens of each run of placeholders attend to each other, as
+        transformers' encoder does with `mm_token_type_ids`. A run must lie whole in
+        one call; canvases are encoded without features, hence causally.
         """
         text = self.model.decoder
         scalars = self.model.encoder.language_model.layers
         x = embed_scaled(text.embed_tokens, input_ids, self.embed_scale)
+        blocks = None
+        if image_features is not None:
+            x, blocks = self._insert_images(input_ids, x, image_features)
         for layer, s, c in zip(text.layers[:-1], scalars, cache):
-            x = layer(x, c, True, s.layer_scalar)
+            x = layer(x, c, True, s.layer_scalar, blocks)
         last, c = text.layers[-1], cache[-1]
         c.update_and_fetch(*last.self_attn.kv(last.input_layernorm(x), c.offset))
 
@@ -440,13 +535,14 @@ class Model(nn.Module):
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """Map checkpoint keys to this model's parameters; idempotent.
 
-        Accepts the transformers layout (vision tower and tied copies dropped, fused
-        expert tensors without a `.weight` suffix) and converted MLX folders.
+        Accepts the transformers layout (tied copies dropped, the vision tower kept when
+        the model has one, fused expert tensors without a `.weight` suffix) and converted
+        MLX folders.
         """
         out = {}
         for k, v in weights.items():
-            if k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")):
-                continue  # text-only
+            if k.startswith(_VISION_PREFIXES) and not self.has_vision:
+                continue  # a text-only model
             if k == "lm_head.weight" or "rotary_emb" in k:
                 continue  # tied to embed_tokens / recomputed
             if k.startswith("model.encoder.language_model.") and not k.endswith(
@@ -461,9 +557,12 @@ class Model(nn.Module):
     @property
     def quant_predicate(self):
         """Mixed recipe: experts and self-conditioning at the requested bits; embedding,
-        attention, dense MLP and router at 8 bits (they set how fast denoising converges)."""
+        attention, dense MLP and router at 8 bits (they set how fast denoising converges);
+        the vision tower and its projector unquantized."""
 
         def predicate(path, module):
+            if ".vision_tower." in path or ".embed_vision." in path:
+                return False  # left in float, as mlx-vlm builds leave it
             eight_bit = path.endswith(("embed_tokens", "router.proj"))
             if eight_bit or ".self_attn." in path or ".mlp." in path:
                 # Like mlx-lm, leave a layer in float when groups do not divide its rows.

@@ -7,6 +7,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .config import read_json
 
+# What the Gemma 4 chat template writes for an image part.
+IMAGE_PLACEHOLDER = "<|image|>"
+
 # generation_config.json of google/diffusiongemma-26B-A4B-it: <eos>, <turn|>, <|tool_response>.
 DEFAULT_EOS_TOKEN_IDS = (1, 106, 50)
 
@@ -297,7 +300,8 @@ def render_gemma4_chat(
     `<|channel>...<channel|>` thoughts. A system (or developer) message is allowed only first.
 
     Args:
-        messages: dicts with `role` and `content` (a string or a list of text parts).
+        messages: dicts with `role` and `content` (a string or a list of text and image
+            parts; an image part renders as `<|image|>`, each text part trimmed).
         add_generation_prompt: end with `<|turn>model\\n`.
         enable_thinking: put `<|think|>` in the system turn.
         bos_token: the text of the BOS token.
@@ -360,11 +364,17 @@ def _content(message: dict) -> str:
         return content
     parts = []
     for part in content:
-        if part.get("type") != "text":
+        # As the Gemma 4 template: each text part trimmed, one placeholder per image
+        # (expanded to the image's soft tokens when the prompt is encoded).
+        if part.get("type") == "text":
+            parts.append(part["text"].strip())
+        elif part.get("type") == "image":
+            parts.append(IMAGE_PLACEHOLDER)
+        else:
             raise ValueError(
-                f"Content part type {part.get('type')!r} is not supported; this model takes text parts only."
+                f"Content part type {part.get('type')!r} is not supported; "
+                "use text and image parts."
             )
-        parts.append(part["text"])
     return "".join(parts)
 
 
