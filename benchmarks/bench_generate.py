@@ -57,9 +57,9 @@ def row(r, canvas_length):
         "tok/s": r["num_generated_tokens"] / gen,
         "work tok/s": canvas_length * steps / gen,
         "peak GB": r["peak_memory_gb"] if r["peak_memory_gb"] is not None else r["peak_rss_gb"],
-        "syncs/step": f"{syncs:.2f}" if syncs is not None else (
-            MLX_VLM_SOURCE_SYNCS if r["peer"] == "mlx-vlm" else "n/a"
-        ),
+        "syncs/step": f"{syncs:.2f}"
+        if syncs is not None
+        else (MLX_VLM_SOURCE_SYNCS if r["peer"] == "mlx-vlm" else "n/a"),
     }
 
 
@@ -125,22 +125,41 @@ def main():
         for rt in runtimes:  # alternate, so drift on a shared machine hits all runtimes alike
             tic = time.perf_counter()
             r = run_peer_subprocess(
-                rt, python.get(rt, sys.executable), path, prompt, openblas=not a.no_openblas, **settings
+                rt,
+                python.get(rt, sys.executable),
+                path,
+                prompt,
+                openblas=not a.no_openblas,
+                **settings,
             )
             r["prompt_tokens"] = len(prompt)
             results[rt].append(r)
             rows.append(row(r, canvas))
-            print(f"[INFO] run {rep + 1}/{a.repeats} {rt}: {time.perf_counter() - tic:.0f} s wall", flush=True)
+            print(
+                f"[INFO] run {rep + 1}/{a.repeats} {rt}: {time.perf_counter() - tic:.0f} s wall",
+                flush=True,
+            )
     print()
     print_table(rows)
     print()
-    tps = {rt: statistics.median(x["num_generated_tokens"] / x["generate_s"] for x in results[rt]) for rt in runtimes}
+    tps = {
+        rt: statistics.median(x["num_generated_tokens"] / x["generate_s"] for x in results[rt])
+        for rt in runtimes
+    }
     ours = "mlx_diffgemma"
     for rt in runtimes:
         if rt != ours and ours in tps:
-            print(f"mlx_diffgemma / {rt}: {tps[ours] / tps[rt]:.2f}x tokens/s (median of {a.repeats})")
+            print(
+                f"mlx_diffgemma / {rt}: {tps[ours] / tps[rt]:.2f}x tokens/s (median of {a.repeats})"
+            )
     if a.json:
-        a.json.write_text(json.dumps({"settings": vars(a) | {"checkpoint": str(path)}, "results": results}, default=str, indent=1))
+        a.json.write_text(
+            json.dumps(
+                {"settings": vars(a) | {"checkpoint": str(path)}, "results": results},
+                default=str,
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

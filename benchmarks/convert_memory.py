@@ -187,9 +187,18 @@ def main():
             os.sync()  # flush the new input first: write-back would slow the conversion
             print(f"N={n}: built {size / 1e9:.2f} GB in {time.perf_counter() - tic:.0f} s")
             cmd = [
-                sys.executable, "-m", "mlx_diffgemma.convert", "--hf-path", str(src),
-                "--mlx-path", str(dst), "-q", "--q-bits", str(args.q_bits),
-                "--quant-recipe", args.recipe,
+                sys.executable,
+                "-m",
+                "mlx_diffgemma.convert",
+                "--hf-path",
+                str(src),
+                "--mlx-path",
+                str(dst),
+                "-q",
+                "--q-bits",
+                str(args.q_bits),
+                "--quant-recipe",
+                args.recipe,
             ]
             r = run_measured(cmd)
             # Shard 1 holds the embedding and the other non-layer tensors, then one per layer.

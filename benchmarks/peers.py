@@ -48,6 +48,7 @@ On the Linux CPU box, float32 matmuls in MLX are about 50x faster with OpenBLAS 
 shared/docs/PERFORMANCE.md section 3.4). The preload has to be in place before the process
 starts. ``openblas=True`` sets it up for the child process.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,13 @@ PAD_TOKEN_ID = 0
 RESULT_MARKER = "PEERS_RESULT_JSON: "
 OPENBLAS_LIB = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
-__all__ = ["run_mlx_diffgemma", "run_mlx_vlm", "run_transformers", "run_peer_subprocess", "openblas_env"]
+__all__ = [
+    "run_mlx_diffgemma",
+    "run_mlx_vlm",
+    "run_transformers",
+    "run_peer_subprocess",
+    "openblas_env",
+]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -79,7 +86,9 @@ def _read_json(path: Path) -> Dict[str, Any]:
 def _eos_ids(model_path: Path, eos_token_ids: Optional[Sequence[int]]) -> List[int]:
     """The generation_config list first (as HF does), then config.json, then the release default."""
     if eos_token_ids is not None:
-        return [int(t) for t in ([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)]
+        return [
+            int(t) for t in ([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
+        ]
     for name in ("generation_config.json", "config.json"):
         eos = _read_json(model_path / name).get("eos_token_id")
         if eos is not None:
@@ -109,8 +118,19 @@ def _peak_rss_gb() -> Optional[float]:
         return None
 
 
-def _common_result(peer, versions, new_ids, eos, max_new_tokens, steps_per_canvas, load_s,
-                   prefill_s, generate_s, total_s, peak_memory_gb):
+def _common_result(
+    peer,
+    versions,
+    new_ids,
+    eos,
+    max_new_tokens,
+    steps_per_canvas,
+    load_s,
+    prefill_s,
+    generate_s,
+    total_s,
+    peak_memory_gb,
+):
     generated, finish = _cut(new_ids, eos, max_new_tokens)
     steps = int(sum(steps_per_canvas))
     valid = sum(1 for t in generated if t != PAD_TOKEN_ID)
@@ -262,7 +282,10 @@ def run_mlx_vlm(
     gen_cfg = dict(model.config.generation_config or {})
     gen_cfg.update(
         {
-            "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": float(entropy_bound)},
+            "sampler_config": {
+                "_cls_name": "EntropyBoundSamplerConfig",
+                "entropy_bound": float(entropy_bound),
+            },
             "t_min": float(t_min),
             "t_max": float(t_max),
             "stability_threshold": int(stability_threshold),
@@ -294,7 +317,9 @@ def run_mlx_vlm(
 
     if warmup:  # same shapes, 2 canvases x 2 steps: first-call and compile costs leave the timing
         canvas = int(model.config.canvas_length)
-        for _ in _generate(min(int(max_new_tokens), 2 * canvas), min(int(max_denoising_steps), 2), int(seed) + 1):
+        for _ in _generate(
+            min(int(max_new_tokens), 2 * canvas), min(int(max_denoising_steps), 2), int(seed) + 1
+        ):
             pass
     mx.reset_peak_memory()
     t1 = time.perf_counter()
@@ -315,12 +340,21 @@ def run_mlx_vlm(
     if last is not None and last.finish_reason == "stop" and last.token is not None:
         new_ids.append(int(last.token))  # the EOS is not emitted as a token result
     steps_per_canvas = [b - a for a, b in zip([0] + cumulative_steps[:-1], cumulative_steps)]
-    prefill_s = (last.prompt_tokens / last.prompt_tps) if last is not None and last.prompt_tps else None
+    prefill_s = (
+        (last.prompt_tokens / last.prompt_tps) if last is not None and last.prompt_tps else None
+    )
     generate_s = (total_s - prefill_s) if prefill_s is not None else None
     res = _common_result(
         "mlx-vlm",
         {"mlx_vlm": getattr(mlx_vlm, "__version__", None), "mlx": mx.__version__},
-        new_ids, eos, max_new_tokens, steps_per_canvas, load_s, prefill_s, generate_s, total_s,
+        new_ids,
+        eos,
+        max_new_tokens,
+        steps_per_canvas,
+        load_s,
+        prefill_s,
+        generate_s,
+        total_s,
         mx.get_peak_memory() / 1e9,
     )
     if last is not None:
@@ -450,13 +484,20 @@ def run_transformers(
     finally:
         h1.remove()
         h2.remove()
-    raw_new = out.sequences[0, input_ids.shape[1]:].tolist()
+    raw_new = out.sequences[0, input_ids.shape[1] :].tolist()
     prefill_s = enc_times[0] if enc_times else None
     res = _common_result(
         "transformers",
         {"transformers": transformers.__version__, "torch": torch.__version__},
-        raw_new, eos, max_new_tokens, counter.steps_per_canvas, load_s, prefill_s,
-        (total_s - prefill_s) if prefill_s is not None else None, total_s, None,
+        raw_new,
+        eos,
+        max_new_tokens,
+        counter.steps_per_canvas,
+        load_s,
+        prefill_s,
+        (total_s - prefill_s) if prefill_s is not None else None,
+        total_s,
+        None,
     )
     tpf = out.tokens_per_forward
     res["hf_tokens_per_forward"] = float(tpf[0]) if tpf is not None else None
@@ -523,14 +564,18 @@ def run_mlx_diffgemma(
         cfg = config.replace(max_new_tokens=int(n_tokens), max_denoising_steps=int(n_steps))
         blocks = [
             ev
-            for ev in generate_step(prompt[:, :0], model, config=cfg, cache=cache, key=mx.random.key(gen_seed))
+            for ev in generate_step(
+                prompt[:, :0], model, config=cfg, cache=cache, key=mx.random.key(gen_seed)
+            )
             if isinstance(ev, Block)
         ]
         return prefill_s, blocks
 
     if warmup:  # same shapes, 2 canvases x 2 steps: compile and first-call costs leave the timing
         canvas = model.args.canvas_length
-        _generate(min(int(max_new_tokens), 2 * canvas), min(int(max_denoising_steps), 2), int(seed) + 1)
+        _generate(
+            min(int(max_new_tokens), 2 * canvas), min(int(max_denoising_steps), 2), int(seed) + 1
+        )
     mx.reset_peak_memory()
     t1 = time.perf_counter()
     prefill_s, blocks = _generate(max_new_tokens, max_denoising_steps, seed)
@@ -539,8 +584,15 @@ def run_mlx_diffgemma(
     res = _common_result(
         "mlx_diffgemma",
         {"mlx_diffgemma": getattr(mlx_diffgemma, "__version__", None), "mlx": mx.__version__},
-        new_ids, eos, max_new_tokens, [b.steps for b in blocks], load_s, prefill_s,
-        total_s - prefill_s, total_s, mx.get_peak_memory() / 1e9,
+        new_ids,
+        eos,
+        max_new_tokens,
+        [b.steps for b in blocks],
+        load_s,
+        prefill_s,
+        total_s - prefill_s,
+        total_s,
+        mx.get_peak_memory() / 1e9,
     )
     steps = sum(b.steps for b in blocks)
     res["encode_s_per_canvas"] = [b.encode_seconds for b in blocks]
@@ -599,7 +651,12 @@ def run_peer_subprocess(
     """
     if peer not in RUNNERS:
         raise ValueError(f"unknown peer {peer!r}; one of {sorted(RUNNERS)}")
-    request = {"peer": peer, "model_path": str(model_path), "prompt_ids": [int(t) for t in prompt_ids], **kwargs}
+    request = {
+        "peer": peer,
+        "model_path": str(model_path),
+        "prompt_ids": [int(t) for t in prompt_ids],
+        **kwargs,
+    }
     child_env = openblas_env(env) if openblas else dict(os.environ if env is None else env)
     proc = subprocess.run(
         [python, os.path.abspath(__file__)],
@@ -613,9 +670,13 @@ def run_peer_subprocess(
         sys.stderr.write(proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{peer} runner failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    result = json.loads(lines[-1][len(RESULT_MARKER):])
-    result["subprocess_env"] = {k: child_env.get(k) for k in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS")}
+        raise RuntimeError(
+            f"{peer} runner failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
+        )
+    result = json.loads(lines[-1][len(RESULT_MARKER) :])
+    result["subprocess_env"] = {
+        k: child_env.get(k) for k in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS")
+    }
     return result
 
 

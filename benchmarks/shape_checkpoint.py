@@ -16,14 +16,30 @@ from pathlib import Path
 
 SHAPES = {
     "shape": dict(
-        vocab_size=262144, hidden_size=2816, intermediate_size=2112, moe_intermediate_size=704,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
-        num_global_key_value_heads=2, sliding_window=1024, canvas_length=256,
+        vocab_size=262144,
+        hidden_size=2816,
+        intermediate_size=2112,
+        moe_intermediate_size=704,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        global_head_dim=512,
+        num_global_key_value_heads=2,
+        sliding_window=1024,
+        canvas_length=256,
     ),
     "tiny": dict(
-        vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
-        num_global_key_value_heads=1, sliding_window=8, canvas_length=8,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        num_global_key_value_heads=1,
+        sliding_window=8,
+        canvas_length=8,
     ),
 }
 
@@ -46,8 +62,13 @@ def build(out, kind="shape", layers=2, experts=8, top_k=2, seed=0) -> Path:
         max_position_embeddings=262144,
     )
     vision = dict(
-        model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+        model_type="gemma4_vision",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
         rope_parameters={"rope_type": "default", "rope_theta": 100.0},
     )
     torch.manual_seed(seed)
@@ -65,12 +86,23 @@ def build(out, kind="shape", layers=2, experts=8, top_k=2, seed=0) -> Path:
     model.save_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())
     tc = cfg["text_config"]
-    tc.pop("per_layer_config", None)  # transformers 5.24 writes this; mlx-vlm reads only the release keys
-    tc.update(global_head_dim=text["global_head_dim"], num_global_key_value_heads=text["num_global_key_value_heads"])
+    tc.pop(
+        "per_layer_config", None
+    )  # transformers 5.24 writes this; mlx-vlm reads only the release keys
+    tc.update(
+        global_head_dim=text["global_head_dim"],
+        num_global_key_value_heads=text["num_global_key_value_heads"],
+    )
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = {
-        "confidence_threshold": 0.005, "eos_token_id": [1, 106, 50], "max_denoising_steps": 48,
-        "max_new_tokens": 256, "pad_token_id": 0, "stability_threshold": 1, "t_max": 0.8, "t_min": 0.4,
+        "confidence_threshold": 0.005,
+        "eos_token_id": [1, 106, 50],
+        "max_denoising_steps": 48,
+        "max_new_tokens": 256,
+        "pad_token_id": 0,
+        "stability_threshold": 1,
+        "t_max": 0.8,
+        "t_min": 0.4,
         "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
     }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))

@@ -46,8 +46,14 @@ def sweep(
         scores, used, tokens, seconds = [], [], 0, 0.0
         for i, (puzzle, solution) in enumerate(puzzles):
             text, r = S.solve(
-                model, tokenizer, puzzle, style=style, clamp=clamp, digits_only=digits_only,
-                seed=seed + i, max_denoising_steps=n,
+                model,
+                tokenizer,
+                puzzle,
+                style=style,
+                clamp=clamp,
+                digits_only=digits_only,
+                seed=seed + i,
+                max_denoising_steps=n,
             )
             s = S.score(text, puzzle, solution)
             scores.append(s)
@@ -112,10 +118,17 @@ def main(argv=None):
         default=list(DEFAULT_STEPS),
         help="Step caps [default: 1,4,12,16,48].",
     )
-    p.add_argument("--prompt-format", choices=S.PROMPT_STYLES, default="recipe",
-                   help="recipe: Google's SFT string (default); chat: the chat template.")
-    p.add_argument("--no-clamp", action="store_true",
-                   help="Let the model write the whole grid (Google's eval) instead of clamping.")
+    p.add_argument(
+        "--prompt-format",
+        choices=S.PROMPT_STYLES,
+        default="recipe",
+        help="recipe: Google's SFT string (default); chat: the chat template.",
+    )
+    p.add_argument(
+        "--no-clamp",
+        action="store_true",
+        help="Let the model write the whole grid (Google's eval) instead of clamping.",
+    )
     p.add_argument("--digits-only", action="store_true", help="Limit empty cells to 1-9.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="Also write the rows to this JSON file.")
@@ -141,8 +154,15 @@ def main(argv=None):
     )
     tic = time.perf_counter()
     rows = sweep(
-        model, tokenizer, puzzles, args.steps, style=args.prompt_format, clamp=not args.no_clamp,
-        digits_only=args.digits_only, seed=args.seed, verbose=args.verbose,
+        model,
+        tokenizer,
+        puzzles,
+        args.steps,
+        style=args.prompt_format,
+        clamp=not args.no_clamp,
+        digits_only=args.digits_only,
+        seed=args.seed,
+        verbose=args.verbose,
     )
     print(format_table(rows))
     print(f"({time.perf_counter() - tic:.1f} s)")

@@ -452,8 +452,12 @@ def _stream(model, tokenizer, cache: PromptCache, new, images, config, seed, lay
         stats.prompt_done(tic)
         events = generate_step(
             mx.zeros((1, 0), dtype=mx.int32),  # the prompt is in the cache already
-            model, config=config, cache=cache.layers, key=mx.random.key(seed),
-            layout=layout, drafts=drafts,
+            model,
+            config=config,
+            cache=cache.layers,
+            key=mx.random.key(seed),
+            layout=layout,
+            drafts=drafts,
         )
         for ev in events:
             if isinstance(ev, DenoiseStep):

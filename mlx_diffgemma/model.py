@@ -20,7 +20,6 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 from .cache import SlidingWindowCache, cached_kv
 from .vision import make_vision
 
-
 _VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 _TOP_LEVEL_KEYS = (
     "canvas_length",
@@ -415,9 +414,7 @@ class Model(nn.Module):
     def make_cache(self):
         """One cache per layer: full layers keep all tokens, sliding layers the last W-1."""
         return [
-            KVCache()
-            if t == "full_attention"
-            else SlidingWindowCache(self.args.sliding_window - 1)
+            KVCache() if t == "full_attention" else SlidingWindowCache(self.args.sliding_window - 1)
             for t in self.args.layer_types
         ]
 
@@ -489,7 +486,9 @@ class Model(nn.Module):
     def self_conditioning_embeddings(self, probs: mx.array) -> mx.array:
         """probs @ E * sqrt(hidden) in the embedding dtype: the expected input embedding."""
         embed = self.model.decoder.embed_tokens
-        dtype = embed.scales.dtype if isinstance(embed, nn.QuantizedEmbedding) else embed.weight.dtype
+        dtype = (
+            embed.scales.dtype if isinstance(embed, nn.QuantizedEmbedding) else embed.weight.dtype
+        )
         soft = embed_transpose_matmul(embed, probs.astype(dtype))
         return soft * mx.array(self.embed_scale, dtype=soft.dtype)
 
@@ -545,9 +544,7 @@ class Model(nn.Module):
                 continue  # a text-only model
             if k == "lm_head.weight" or "rotary_emb" in k:
                 continue  # tied to embed_tokens / recomputed
-            if k.startswith("model.encoder.language_model.") and not k.endswith(
-                ".layer_scalar"
-            ):
+            if k.startswith("model.encoder.language_model.") and not k.endswith(".layer_scalar"):
                 continue  # tied copies of model.decoder.*
             if k.endswith((".experts.gate_up_proj", ".experts.down_proj")):
                 k = f"{k}.weight"

@@ -61,7 +61,9 @@ def sample_categorical(probs: mx.array, u: mx.array, block: int = 512) -> mx.arr
     cdf = mx.cumsum(blocks.sum(axis=-1), axis=-1)
     target = u * cdf[..., -1]
     b = mx.minimum((cdf <= target[..., None]).sum(axis=-1), V // bs - 1)
-    before = mx.where(b > 0, mx.take_along_axis(cdf, mx.maximum(b - 1, 0)[..., None], -1)[..., 0], 0)
+    before = mx.where(
+        b > 0, mx.take_along_axis(cdf, mx.maximum(b - 1, 0)[..., None], -1)[..., 0], 0
+    )
     within = mx.take_along_axis(blocks, b[..., None, None], axis=-2)[..., 0, :]
     cdf_in = before[..., None] + mx.cumsum(within, axis=-1)
     t = mx.minimum((cdf_in <= target[..., None]).sum(axis=-1), bs - 1)
@@ -241,5 +243,3 @@ class RandomDraws:
 
 
 _sample_categorical = mx.compile(sample_categorical)
-
-

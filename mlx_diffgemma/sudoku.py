@@ -110,7 +110,7 @@ def givens(puzzle: str) -> int:
 
 
 def hardness(puzzle: str) -> str:
-    """"easy" (>= 40 givens), "medium" (30-39) or "hard" (< 30), as Google's eval bins."""
+    """ "easy" (>= 40 givens), "medium" (30-39) or "hard" (< 30), as Google's eval bins."""
     n = givens(puzzle)
     return "easy" if n >= 40 else "medium" if n >= 30 else "hard"
 
@@ -171,9 +171,7 @@ def load_puzzles(path, limit: Optional[int] = None) -> List[Tuple[str, str]]:
             (n for n in (("puzzle", "solution"), ("quizzes", "solutions")) if set(n) <= cols), None
         )
         if names is None:
-            raise ValueError(
-                f"{path} needs 'puzzle' and 'solution' columns (got {sorted(cols)})."
-            )
+            raise ValueError(f"{path} needs 'puzzle' and 'solution' columns (got {sorted(cols)}).")
         for i, row in enumerate(reader):
             if limit is not None and len(out) >= limit:
                 break
@@ -299,4 +297,3 @@ def solve(
         if last.kind == "commit":
             text.append(last.text)
     return "".join(text), last
-

@@ -56,11 +56,7 @@ class _SentencePiece:
 
     def _special(self, i: int) -> bool:
         sp = self._sp
-        return (
-            sp.is_control(i)
-            or sp.is_unknown(i)
-            or bool(_MARKER.fullmatch(sp.id_to_piece(i)))
-        )
+        return sp.is_control(i) or sp.is_unknown(i) or bool(_MARKER.fullmatch(sp.id_to_piece(i)))
 
     def decode(self, ids: List[int], skip_special_tokens: bool) -> str:
         # sentencepiece drops control pieces (<bos>, <eos>, <pad>) and prints <unk> as " ⁇ ";
@@ -200,13 +196,9 @@ class Tokenizer:
                     f"{name} {special[name]!r} is not in the vocabulary of {path}; "
                     f"set {name} in its tokenizer_config.json."
                 )
-        eos = _read_json(path / "generation_config.json").get(
-            "eos_token_id", DEFAULT_EOS_TOKEN_IDS
-        )
+        eos = _read_json(path / "generation_config.json").get("eos_token_id", DEFAULT_EOS_TOKEN_IDS)
         eos = [eos] if isinstance(eos, int) else eos
-        if not isinstance(eos, (list, tuple)) or not all(
-            isinstance(i, int) for i in eos
-        ):
+        if not isinstance(eos, (list, tuple)) or not all(isinstance(i, int) for i in eos):
             raise ValueError(
                 f"eos_token_id {eos!r} in {path / 'generation_config.json'} must be an int or a list of ints."
             )
@@ -393,9 +385,7 @@ def _read_template(path: Path, config: dict) -> Optional[str]:
         return jinja_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates, as older transformers saved them
-        template = next(
-            (t["template"] for t in template if t.get("name") == "default"), None
-        )
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template is None:
             raise ValueError(
                 f"tokenizer_config.json in {path} has named chat templates but no 'default' one; add it."
@@ -418,9 +408,9 @@ def _compile_template(source: str):
         def parse(self, parser):
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(
-                self.call_method("_render"), [], [], body
-            ).set_lineno(lineno)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(
+                lineno
+            )
 
         def _render(self, caller):
             return caller()

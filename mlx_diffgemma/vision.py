@@ -15,7 +15,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.gemma4_text import geglu
 
-
 # Attention queries per block (see VisionAttention).
 QUERY_BLOCK = 2048
 

@@ -29,7 +29,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import torch
-
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 from transformers.cache_utils import DynamicCache
 from transformers.utils import logging as hf_logging
@@ -169,7 +168,9 @@ def _to_style(text: dict, style: str) -> dict:
     if plc:
         entries = [plc.get(str(i), plc.get(i)) for i in full]
         if any(e is None for e in entries) or any(e != entries[0] for e in entries):
-            raise ValueError(f"per_layer_config {plc} does not give one geometry for all full layers {full}")
+            raise ValueError(
+                f"per_layer_config {plc} does not give one geometry for all full layers {full}"
+            )
         ghd = entries[0].get("head_dim", ghd)
         gkv = entries[0].get("num_key_value_heads", gkv)
     if ghd is None:
@@ -212,7 +213,9 @@ def tiny_config(style: str = "release", **overrides) -> dict:
     text.update(copy.deepcopy(overrides))
     text["num_hidden_layers"] = len(text["layer_types"])
     if text["layer_types"][-1] != FULL:
-        raise ValueError("HF forces the last layer to full_attention; pass layer_types ending with it")
+        raise ValueError(
+            "HF forces the last layer to full_attention; pass layer_types ending with it"
+        )
     if FULL not in text["layer_types"] or SLIDING not in text["layer_types"]:
         raise ValueError("the tiny config needs at least one sliding and one full layer")
     top["text_config"] = _to_style(text, style)
@@ -270,7 +273,9 @@ def _rewrite_config_json(path: Path, style: str, cfg: dict) -> None:
     saved = json.loads((path / "config.json").read_text())
     saved["text_config"] = _to_style(saved["text_config"], style)
     # HF rewrites the vision rope_type "default" to "axial" (BC shim); keep the release spelling.
-    saved["vision_config"]["rope_parameters"] = copy.deepcopy(cfg["vision_config"]["rope_parameters"])
+    saved["vision_config"]["rope_parameters"] = copy.deepcopy(
+        cfg["vision_config"]["rope_parameters"]
+    )
     for k in ("vision_soft_tokens_per_image",):
         if k in cfg:
             saved[k] = cfg[k]
@@ -331,7 +336,9 @@ def build_hf_checkpoint(
         ref = model.state_dict()
         got = reloaded.state_dict()
         if set(ref) != set(got):
-            raise AssertionError(f"state_dict keys differ after reload: {sorted(set(ref) ^ set(got))}")
+            raise AssertionError(
+                f"state_dict keys differ after reload: {sorted(set(ref) ^ set(got))}"
+            )
         bad = [k for k in ref if not torch.equal(ref[k], got[k])]
         if bad:
             raise AssertionError(f"tensors differ after reload: {bad}")
@@ -508,7 +515,10 @@ class HFDenoiser:
         """Per layer ``{"keys", "values"}`` as float32 [B, n_kv, T, head_dim]. Sliding layers hold the
         last ``sliding_window - 1`` tokens, full layers all ``L`` (post-norm, post-RoPE keys)."""
         return [
-            {"keys": layer.keys.float().numpy().copy(), "values": layer.values.float().numpy().copy()}
+            {
+                "keys": layer.keys.float().numpy().copy(),
+                "values": layer.values.float().numpy().copy(),
+            }
             for layer in self.cache.layers
         ]
 
@@ -625,7 +635,9 @@ def trace_hf_generate(
     def multinomial(probs, *args, **kwargs):
         out = orig_multinomial(probs, *args, **kwargs)
         val = _np(out).reshape(state["B"], -1)
-        draws.append({"kind": "multinomial", "canvas": state["canvas"], "step": state["step"], "value": val})
+        draws.append(
+            {"kind": "multinomial", "canvas": state["canvas"], "step": state["step"], "value": val}
+        )
         return out
 
     m_gen_cfg = model._prepare_generation_config
@@ -762,7 +774,9 @@ def trace_hf_generate(
     torch.randint, torch.multinomial = randint, multinomial
     try:
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids, return_dict_in_generate=True, **generate_kwargs)
+            out = model.generate(
+                input_ids=input_ids, return_dict_in_generate=True, **generate_kwargs
+            )
     finally:
         torch.randint, torch.multinomial = orig_randint, orig_multinomial
         for name in patches:
@@ -884,7 +898,9 @@ def run_scenario(name: str, root, record_logits: bool = False) -> dict:
     ids = scenario_prompt(**s["prompt"])
     check = SCENARIO_CHECKS[name]
     for seed in s["generate_seeds"]:
-        trace = trace_hf_generate(model, ids, seed=seed, record_logits=record_logits, **s["generate"])
+        trace = trace_hf_generate(
+            model, ids, seed=seed, record_logits=record_logits, **s["generate"]
+        )
         if check(trace):
             break
     else:

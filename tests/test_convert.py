@@ -21,11 +21,11 @@ pytest.importorskip("transformers.models.diffusion_gemma")
 
 import mlx.core as mx
 from click.testing import CliRunner
+from hf_reference import build_hf_checkpoint, checkpoint_keys
 from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model
 
 import mlx_diffgemma.convert as conv
-from hf_reference import build_hf_checkpoint, checkpoint_keys
 from mlx_diffgemma import load_model
 from mlx_diffgemma.convert import convert, convert_command, estimate_output_bytes
 
@@ -107,9 +107,7 @@ def test_quantized_conversion_matches_mlx_lm(recipe, hf_release, reference, tmp_
     # Tiny chunks and shards: every tensor is streamed in many pieces over several files.
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1000)
     monkeypatch.setattr(conv, "MAX_SHARD_BYTES", 100_000)
-    out = convert(
-        hf_release, tmp_path / "q", quantize=True, q_group_size=32, quant_recipe=recipe
-    )
+    out = convert(hf_release, tmp_path / "q", quantize=True, q_group_size=32, quant_recipe=recipe)
     got = load_model(out)
 
     config = json.loads((hf_release / "config.json").read_text())
@@ -347,9 +345,7 @@ def test_upload_repo(hf_release, tmp_path, monkeypatch):
 def test_low_precision_experts_warn_and_load_in_float32_on_cpu(hf_release, tmp_path, capfd):
     # Group size 64 quantizes gate_up (input 64) but not down_proj (input 32): as
     # `-q --q-group-size 128` leaves the real model's experts in bf16.
-    out = convert(
-        hf_release, tmp_path / "bf16", quantize=True, q_group_size=64, dtype="bfloat16"
-    )
+    out = convert(hf_release, tmp_path / "bf16", quantize=True, q_group_size=64, dtype="bfloat16")
     warnings = [s for s in capfd.readouterr().out.splitlines() if "expert matrices" in s]
     assert warnings == [
         "[WARNING] 4 expert matrices are written unquantized in bfloat16 (e.g. "

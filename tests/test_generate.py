@@ -12,7 +12,6 @@ import pytest
 from mlx_diffgemma import DiffusionConfig, PromptCache, generate, load, stream_generate
 from mlx_diffgemma.generate import ineffective_settings
 
-
 SKY = "Why is the sky blue?"
 ANSWER = "The sky looks blue because air scatters blue light the most."
 TURN_END = 106  # <turn|>, an EOS id

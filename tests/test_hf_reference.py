@@ -12,9 +12,8 @@ pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import hf_reference as H  # noqa: E402
+import torch  # noqa: E402
 
 P = 20
 
@@ -25,7 +24,9 @@ def ckpts(tmp_path_factory):
     return {
         "release": H.build_hf_checkpoint(root / "release", style="release", seed=0),
         "per_layer": H.build_hf_checkpoint(root / "per_layer", style="per_layer", seed=0),
-        "sharded": H.build_hf_checkpoint(root / "sharded", style="release", seed=0, max_shard_size="200KB"),
+        "sharded": H.build_hf_checkpoint(
+            root / "sharded", style="release", seed=0, max_shard_size="200KB"
+        ),
     }
 
 
@@ -55,7 +56,10 @@ def test_tiny_config_styles():
         "3": {"head_dim": 32, "num_key_value_heads": 1},
     }
     assert rt["layer_types"][-1] == "full_attention" and "sliding_attention" in rt["layer_types"]
-    assert rel["model_type"] == "diffusion_gemma" and rel["vision_config"]["model_type"] == "gemma4_vision"
+    assert (
+        rel["model_type"] == "diffusion_gemma"
+        and rel["vision_config"]["model_type"] == "gemma4_vision"
+    )
     for cfg in (rel, per):
         c = H.config_from_dict(cfg).text_config
         assert [c.per_layer_config[i].head_dim for i in range(4)] == [16, 32, 16, 32]
@@ -83,7 +87,9 @@ def test_saved_config_styles(ckpts):
 def _release_layout(keys):
     assert not any(k.startswith("lm_head") for k in keys)
     enc = [k for k in keys if k.startswith("model.encoder.language_model.")]
-    assert sorted(enc) == [f"model.encoder.language_model.layers.{i}.layer_scalar" for i in range(4)]
+    assert sorted(enc) == [
+        f"model.encoder.language_model.layers.{i}.layer_scalar" for i in range(4)
+    ]
     assert all(H._is_release_key(k) for k in keys)
     assert "model.decoder.layers.1.self_attn.v_proj.weight" not in keys  # full layer: k == v
     assert keys["model.decoder.layers.0.self_attn.v_proj.weight"] == (32, 64)
@@ -101,7 +107,9 @@ def test_checkpoints_round_trip(ckpts):
         _release_layout(keys)
         got = H.read_checkpoint(path)
         assert set(got) == set(ref)
-        assert all(np.array_equal(got[k], ref[k]) for k in ref), name  # same seed, any style/sharding
+        assert all(np.array_equal(got[k], ref[k]) for k in ref), (
+            name
+        )  # same seed, any style/sharding
         model = H.load_hf(path)
         sd = model.state_dict()
         for k, v in got.items():
@@ -150,7 +158,12 @@ def test_denoise_logits(model):
     sc = d.denoise(canvas, a / 0.8)
     assert not np.allclose(sc, a)
     kv = d.cache_kv()
-    assert [x["keys"].shape for x in kv] == [(1, 2, 7, 16), (1, 1, P, 32), (1, 2, 7, 16), (1, 1, P, 32)]
+    assert [x["keys"].shape for x in kv] == [
+        (1, 2, 7, 16),
+        (1, 1, P, 32),
+        (1, 2, 7, 16),
+        (1, 1, P, 32),
+    ]
     d.append(block)
     b = d.denoise(canvas)
     assert not np.allclose(b, a)
@@ -232,10 +245,16 @@ def _check_trace(tr, prompt):
             fin = st["finished_before"][:, None]
             assert np.array_equal(st["canvas_out"], np.where(fin, st["canvas_in"], st["renoised"]))
             if "processed_logits" in st:
-                assert np.array_equal(st["argmax"][~st["finished_before"]],
-                                      st["processed_logits"].argmax(-1)[~st["finished_before"]])
-                np.testing.assert_allclose(st["processed_logits"], st["raw_logits"] / st["temperature"],
-                                           rtol=1e-6, atol=1e-6)
+                assert np.array_equal(
+                    st["argmax"][~st["finished_before"]],
+                    st["processed_logits"].argmax(-1)[~st["finished_before"]],
+                )
+                np.testing.assert_allclose(
+                    st["processed_logits"],
+                    st["raw_logits"] / st["temperature"],
+                    rtol=1e-6,
+                    atol=1e-6,
+                )
             prev_out = st["canvas_out"]
         last = cv["steps"][-1]
         assert np.array_equal(cv["appended"], last["argmax"])  # the ARGMAX canvas is appended
@@ -250,7 +269,7 @@ def _check_trace(tr, prompt):
         hits = np.flatnonzero(np.isin(row, eos))
         assert fin == (hits.size > 0)
         if hits.size:
-            assert (row[hits[0] + 1:] == pad).all()
+            assert (row[hits[0] + 1 :] == pad).all()
     tpf = (new != pad).sum(-1) / tr["decoder_forward_passes"]
     np.testing.assert_allclose(tr["tokens_per_forward"], tpf, rtol=1e-6)
 
@@ -261,7 +280,9 @@ def test_eos_run(scenarios):
     _check_trace(tr, sc["input_ids"])
     assert tr["num_canvases"] >= 3 and tr["finished"].all()
     assert H.eos_run_ok(tr)
-    assert tr["config"]["confidence_threshold"] == 0.005 and tr["config"]["max_denoising_steps"] == 48
+    assert (
+        tr["config"]["confidence_threshold"] == 0.005 and tr["config"]["max_denoising_steps"] == 48
+    )
     assert tr["config"]["eos_token_id"] == [1, 106, 50]
     # multi-token acceptance happens
     assert max(int(st["accepted_mask"].sum()) for cv in tr["canvases"] for st in cv["steps"]) > 1
@@ -272,7 +293,9 @@ def test_early_stop_run(scenarios):
     tr = sc["trace"]
     _check_trace(tr, sc["input_ids"])
     assert any(n < 48 for n in tr["num_steps"])
-    assert tr["config"]["confidence_threshold"] == 0.005 and tr["config"]["stability_threshold"] == 1
+    assert (
+        tr["config"]["confidence_threshold"] == 0.005 and tr["config"]["stability_threshold"] == 1
+    )
 
 
 def test_trace_deterministic_and_user_canvas(model):

@@ -155,8 +155,12 @@ def test_renoise_never_touches_clamped_positions(tiny):
     config = model.generation_config.replace(max_new_tokens=2 * C, max_denoising_steps=4)
     for seed in range(3):
         events = generate_step(
-            mx.array([[2, 9, 10]]), model, config=config, key=mx.random.key(seed),
-            layout=layout, drafts=True,
+            mx.array([[2, 9, 10]]),
+            model,
+            config=config,
+            key=mx.random.key(seed),
+            layout=layout,
+            drafts=True,
         )
         first = [e for e in events if isinstance(e, DenoiseStep) and e.block == 0]
         assert len(first) == 4

@@ -36,7 +36,9 @@ def tiny(style="release", **kw):
             for i, t in enumerate(text["layer_types"])
             if t == "full_attention"
         }
-    return ModelArgs.from_dict({"model_type": "diffusion_gemma", "text_config": text, "canvas_length": 8})
+    return ModelArgs.from_dict(
+        {"model_type": "diffusion_gemma", "text_config": text, "canvas_length": 8}
+    )
 
 
 def random_model(args, seed=0, std=0.5):
@@ -56,7 +58,10 @@ def test_both_config_key_styles_give_the_same_shapes():
     a, b = tiny("release"), tiny("per_layer")
     assert [a.attention_dims(i) for i in range(3)] == [(16, 2), (32, 1), (32, 1)]
     assert [b.attention_dims(i) for i in range(3)] == [(16, 2), (32, 1), (32, 1)]
-    shapes = lambda m: {k: v.shape for k, v in tree_flatten(Model(m).parameters())}
+
+    def shapes(m):
+        return {k: v.shape for k, v in tree_flatten(Model(m).parameters())}
+
     assert shapes(a) == shapes(b)
     # Full layers have no v_proj (k == v).
     assert "model.decoder.layers.1.self_attn.v_proj.weight" not in shapes(a)
@@ -157,7 +162,9 @@ def test_batch_rows_are_independent():
     both = model.denoise(canvas, c)
     c1 = model.make_cache()
     model.encode(ids[1:], c1)
-    np.testing.assert_allclose(np.array(both[1:]), np.array(model.denoise(canvas[1:], c1)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(both[1:]), np.array(model.denoise(canvas[1:], c1)), atol=1e-5
+    )
 
 
 def quantize(model, bits=8, group_size=32):

@@ -16,7 +16,6 @@ from mlx_diffgemma import load_model  # noqa: E402
 from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step  # noqa: E402
 from mlx_diffgemma.cache import SlidingWindowCache  # noqa: E402
 
-
 # fp32 reduction order alone gives ~1e-4 on logits of magnitude up to 30.
 TOL = 1e-3
 
@@ -77,8 +76,12 @@ def test_cache_matches_transformers(pair):
     for i, (r, c) in enumerate(zip(ref, cache)):
         keys, values = c.state[:2]
         n = c.offset if not isinstance(c, SlidingWindowCache) else c.size()
-        np.testing.assert_allclose(np.array(keys[..., :n, :]), r["keys"], atol=1e-4, err_msg=f"layer {i}")
-        np.testing.assert_allclose(np.array(values[..., :n, :]), r["values"], atol=1e-4, err_msg=f"layer {i}")
+        np.testing.assert_allclose(
+            np.array(keys[..., :n, :]), r["keys"], atol=1e-4, err_msg=f"layer {i}"
+        )
+        np.testing.assert_allclose(
+            np.array(values[..., :n, :]), r["values"], atol=1e-4, err_msg=f"layer {i}"
+        )
 
 
 def test_window_off_by_one_is_caught(pair, monkeypatch):

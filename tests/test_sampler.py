@@ -9,8 +9,8 @@ import pytest
 
 from mlx_diffgemma import CanvasLayout
 from mlx_diffgemma import sampler as S
-from mlx_diffgemma.config import DiffusionConfig
 from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step
+from mlx_diffgemma.config import DiffusionConfig
 
 
 def test_entropy_bound_accepts_lowest_entropy_prefix():
@@ -35,7 +35,9 @@ def test_step_stats_match_torch():
     ref = torch.distributions.Categorical(logits=proc)
     probs, ent, argmax = S.step_stats(mx.array(logits), mx.array(0.7))
     np.testing.assert_allclose(np.array(ent), ref.entropy().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.array(probs), torch.softmax(proc, -1).numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.array(probs), torch.softmax(proc, -1).numpy(), rtol=1e-6, atol=1e-7
+    )
     assert np.array(argmax).tolist() == proc.argmax(-1).tolist()
     # The model's softcap fused into the same pass gives the same numbers.
     raw = logits * 3
@@ -52,13 +54,20 @@ def test_sample_categorical_inverts_the_cdf():
     p[..., ::7] = 0.0  # zero-probability tokens must never be drawn
     p /= p.sum(-1, keepdims=True)
     u = rng.random((3, 4))
-    ours = np.array(S.sample_categorical(mx.array(p, dtype=mx.float32), mx.array(u, dtype=mx.float32)))
-    ref = [[np.searchsorted(np.cumsum(p[i, j]), u[i, j], side="right") for j in range(4)] for i in range(3)]
+    ours = np.array(
+        S.sample_categorical(mx.array(p, dtype=mx.float32), mx.array(u, dtype=mx.float32))
+    )
+    ref = [
+        [np.searchsorted(np.cumsum(p[i, j]), u[i, j], side="right") for j in range(4)]
+        for i in range(3)
+    ]
     assert ours.tolist() == ref
     assert np.all(ours % 7 != 0)
     # A vocabulary that blocks do not divide, and the frequencies of many draws.
     q = np.array([0.5, 0.0, 0.2, 0.3, 0.0], dtype=np.float32)
-    draws = S.sample_categorical(mx.broadcast_to(mx.array(q), (20000, 5)), mx.random.uniform(shape=(20000,)))
+    draws = S.sample_categorical(
+        mx.broadcast_to(mx.array(q), (20000, 5)), mx.random.uniform(shape=(20000,))
+    )
     freq = np.bincount(np.array(draws), minlength=5) / 20000
     np.testing.assert_allclose(freq, q, atol=0.015)
 
@@ -104,7 +113,9 @@ class ScriptedModel:
     """A stand-in model whose denoise returns a fixed, very peaky distribution."""
 
     def __init__(self, vocab=16, canvas=4, peaky=True, token=3):
-        self.args = SimpleNamespace(vocab_size=vocab, canvas_length=canvas, final_logit_softcapping=None)
+        self.args = SimpleNamespace(
+            vocab_size=vocab, canvas_length=canvas, final_logit_softcapping=None
+        )
         self.peaky, self.token, self.encoded = peaky, token, []
 
     def make_cache(self):
@@ -125,9 +136,13 @@ class ScriptedModel:
 def run(model, **settings):
     config = DiffusionConfig(**{"max_new_tokens": 4, **settings})
     events = list(
-        generate_step(mx.array([[2, 5, 6]]), model, config=config, key=mx.random.key(0), drafts=True)
+        generate_step(
+            mx.array([[2, 5, 6]]), model, config=config, key=mx.random.key(0), drafts=True
+        )
     )
-    return [e for e in events if isinstance(e, DenoiseStep)], [e for e in events if isinstance(e, Block)]
+    return [e for e in events if isinstance(e, DenoiseStep)], [
+        e for e in events if isinstance(e, Block)
+    ]
 
 
 @pytest.mark.parametrize("threshold", [0, 1, 2, 3])
@@ -195,7 +210,11 @@ def test_clamped_positions_are_fixed_accepted_and_free_of_entropy_budget():
     config = DiffusionConfig(max_new_tokens=4, max_denoising_steps=5)
     events = list(
         generate_step(
-            mx.array([[2, 5]]), model, config=config, key=mx.random.key(1), drafts=True,
+            mx.array([[2, 5]]),
+            model,
+            config=config,
+            key=mx.random.key(1),
+            drafts=True,
             layout=layout,
         )
     )

@@ -20,7 +20,6 @@ from mlx_diffgemma import (
 from mlx_diffgemma import sampler as S
 from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step
 from mlx_diffgemma.config import DiffusionConfig
-
 from mlx_diffgemma.structured import token_class
 
 SPEC = {
@@ -61,7 +60,9 @@ class Uniform:
     """A model whose logits are flat: every free position has entropy ln V."""
 
     def __init__(self, vocab=50, canvas=8):
-        self.args = SimpleNamespace(vocab_size=vocab, canvas_length=canvas, final_logit_softcapping=None)
+        self.args = SimpleNamespace(
+            vocab_size=vocab, canvas_length=canvas, final_logit_softcapping=None
+        )
 
     def make_cache(self):
         return [SimpleNamespace(offset=0, state=mx.array(0))]
@@ -82,7 +83,11 @@ def test_masked_entropy_drives_acceptance_and_the_output_stays_allowed():
     for seed in range(3):
         events = list(
             generate_step(
-                mx.array([[2]]), model, config=config, key=mx.random.key(seed), drafts=True,
+                mx.array([[2]]),
+                model,
+                config=config,
+                key=mx.random.key(seed),
+                drafts=True,
                 layout=CanvasLayout((0,) * C, (False,) * C, (), classes, masks),
             )
         )
@@ -107,9 +112,14 @@ def test_token_classes_need_token_masks_that_fit_the_model():
     with pytest.raises(ValueError, match="token_class 1 is out of range for 1 token_masks rows"):
         CanvasLayout((0,) * 8, (False,) * 8, (), (1,) * 8, mx.ones((1, 50), mx.bool_))
     layout = CanvasLayout((0,) * 8, (False,) * 8, (), (0,) * 8, mx.ones((1, 49), mx.bool_))
-    with pytest.raises(ValueError, match="token_masks has 49 columns; the model's vocab_size is 50"):
-        list(generate_step(mx.array([[2]]), model, config=config, key=mx.random.key(0),
-                           layout=layout))
+    with pytest.raises(
+        ValueError, match="token_masks has 49 columns; the model's vocab_size is 50"
+    ):
+        list(
+            generate_step(
+                mx.array([[2]]), model, config=config, key=mx.random.key(0), layout=layout
+            )
+        )
 
 
 def test_all_allowed_masked_path_matches_transformers(tmp_path_factory):
@@ -128,8 +138,11 @@ def test_all_allowed_masked_path_matches_transformers(tmp_path_factory):
     V, n = model.args.vocab_size, config.max_new_tokens
     events = list(
         generate_step(
-            mx.array(scenario["input_ids"]), model, config=config,
-            draws=ReplayDraws(trace["draws"]), drafts=True,
+            mx.array(scenario["input_ids"]),
+            model,
+            config=config,
+            draws=ReplayDraws(trace["draws"]),
+            drafts=True,
             layout=CanvasLayout((0,) * n, (False,) * n, (), (0,) * n, mx.ones((1, V), mx.bool_)),
         )
     )
@@ -194,7 +207,12 @@ def test_json_template_clamps_the_frame(tok):
     t = json_template(tok, {"name": "string:5", "age": "integer:3", "ok": "boolean"})
     assert t.prefix == '{"name": "'
     assert [p if isinstance(p, str) else p.budget for p in t.parts] == [
-        5, '", "age": ', 3, ', "ok":', 1, "}",
+        5,
+        '", "age": ',
+        3,
+        ', "ok":',
+        1,
+        "}",
     ]
     ok = t.parts[4]
     assert ok.first is ok.rest is token_class(tok, "space_true_false")
@@ -218,7 +236,7 @@ def test_integer_holes_hold_digits_only(tiny):
         n, x = r.fills
         assert n and all(c in "-0123456789" for c in n) and "-" not in n[1:]
         assert x and all(c in "-.0123456789" for c in x)
-        assert r.text == '{"n": %s, "x": %s}' % (n, x)
+        assert r.text == f'{{"n": {n}, "x": {x}}}'
 
 
 def test_validate_json_reports_each_problem():

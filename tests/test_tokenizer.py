@@ -28,9 +28,7 @@ def make_folder(path, spm_file, files=()):
     path.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spm_file, path / "tokenizer.model")
     for name, content in dict(files).items():
-        (path / name).write_text(
-            content if isinstance(content, str) else json.dumps(content)
-        )
+        (path / name).write_text(content if isinstance(content, str) else json.dumps(content))
     return path
 
 
@@ -46,9 +44,7 @@ def sp(spm_file):
 
 @pytest.fixture(scope="module")
 def tok(spm_file, tmp_path_factory):
-    return Tokenizer.from_pretrained(
-        make_folder(tmp_path_factory.mktemp("spm"), spm_file)
-    )
+    return Tokenizer.from_pretrained(make_folder(tmp_path_factory.mktemp("spm"), spm_file))
 
 
 def user(text):
@@ -84,8 +80,7 @@ def test_system_turn(tok):
     messages = [{"role": "system", "content": "  Be brief.\n"}, user(f" {SKY} ")]
     text = tok.apply_chat_template(messages, tokenize=False)
     assert (
-        text
-        == f"<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\n{SKY}<turn|>\n<|turn>model\n"
+        text == f"<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\n{SKY}<turn|>\n<|turn>model\n"
     )
     ids = tok.apply_chat_template(messages)
     assert ids[:4] == [2, 105, 9731, 107]
@@ -95,9 +90,7 @@ def test_system_turn(tok):
 def test_thinking_with_system(tok):
     messages = [{"role": "system", "content": "Be brief."}, user(SKY)]
     text = tok.apply_chat_template(messages, enable_thinking=True, tokenize=False)
-    assert text.startswith(
-        "<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\n"
-    )
+    assert text.startswith("<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\n")
     assert tok.apply_chat_template(messages, enable_thinking=True)[:6] == [
         2,
         105,
@@ -111,8 +104,7 @@ def test_thinking_with_system(tok):
 def test_thinking_without_system_opens_a_system_turn(tok):
     text = tok.apply_chat_template([user(SKY)], enable_thinking=True, tokenize=False)
     assert (
-        text
-        == f"<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\n{SKY}<turn|>\n<|turn>model\n"
+        text == f"<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\n{SKY}<turn|>\n<|turn>model\n"
     )
     ids = tok.apply_chat_template([user(SKY)], enable_thinking=True)
     assert ids[:8] == [2, 105, 9731, 107, 98, 107, 106, 107]
@@ -126,9 +118,7 @@ def test_multi_turn_history_drops_thoughts(tok):
         user("And of Italy?"),
         {"role": "model", "content": "Rome."},
     ]
-    text = tok.apply_chat_template(
-        messages, add_generation_prompt=False, tokenize=False
-    )
+    text = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
     assert text == (
         "<bos><|turn>user\nCapital of France?<turn|>\n<|turn>model\nParis.<turn|>\n"
         "<|turn>user\nAnd of Italy?<turn|>\n<|turn>model\nRome.<turn|>\n"
@@ -172,15 +162,12 @@ def test_unsupported_role_and_part():
 def test_eos_token_ids(spm_file, tmp_path, config, expected):
     files = {"generation_config.json": config} if config else {}
     assert (
-        Tokenizer.from_pretrained(make_folder(tmp_path, spm_file, files)).eos_token_ids
-        == expected
+        Tokenizer.from_pretrained(make_folder(tmp_path, spm_file, files)).eos_token_ids == expected
     )
 
 
 def test_bad_eos_token_id(spm_file, tmp_path):
-    folder = make_folder(
-        tmp_path, spm_file, {"generation_config.json": {"eos_token_id": "<eos>"}}
-    )
+    folder = make_folder(tmp_path, spm_file, {"generation_config.json": {"eos_token_id": "<eos>"}})
     with pytest.raises(ValueError, match="eos_token_id '<eos>'"):
         Tokenizer.from_pretrained(folder)
 
@@ -201,9 +188,7 @@ def test_decode_special_tokens(tok):
     assert tok.decode([2, 1, 0, 3, 4]) == "<bos><eos><pad><unk><mask>"
     assert tok.decode([2, 1, 0, 3, 4], skip_special_tokens=True) == ""
     # User-defined pieces that are plain text stay.
-    assert (
-        tok.decode(tok.encode("<table>\n\n"), skip_special_tokens=True) == "<table>\n\n"
-    )
+    assert tok.decode(tok.encode("<table>\n\n"), skip_special_tokens=True) == "<table>\n\n"
 
 
 # Streaming
@@ -217,9 +202,7 @@ def stream(tokenizer, ids, block, **kwargs):
 
 @pytest.mark.parametrize("block", [1, 2, 3, 5, 256])
 def test_detokenizer_deltas_concatenate_to_decode(tok, block):
-    ids = tok.apply_chat_template([user("".join(TEXTS))]) + tok.encode(
-        "".join(reversed(TEXTS))
-    )
+    ids = tok.apply_chat_template([user("".join(TEXTS))]) + tok.encode("".join(reversed(TEXTS)))
     deltas = stream(tok, ids, block)
     assert "".join(deltas) == tok.decode(ids)
     assert not any("\ufffd" in d for d in deltas)
@@ -272,9 +255,7 @@ def test_split_thinking_on_decoded_ids(tok):
 
 
 def test_missing_tokenizer_files(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match="No tokenizer.json or tokenizer.model in"
-    ) as e:
+    with pytest.raises(FileNotFoundError, match="No tokenizer.json or tokenizer.model in") as e:
         Tokenizer.from_pretrained(tmp_path)
     assert str(tmp_path) in str(e.value)
 
@@ -291,9 +272,7 @@ SHOUT = (
 def test_checkpoint_template_is_used(spm_file, tmp_path, where):
     files = {where: SHOUT if where.endswith(".jinja") else {"chat_template": SHOUT}}
     tokenizer = Tokenizer.from_pretrained(make_folder(tmp_path, spm_file, files))
-    text = tokenizer.apply_chat_template(
-        [user("hi")], enable_thinking=True, tokenize=False
-    )
+    text = tokenizer.apply_chat_template([user("hi")], enable_thinking=True, tokenize=False)
     assert text == "<bos>[USER]hi[GO][THINK]"
     assert tokenizer.apply_chat_template([user("hi")])[:1] == [2]
     with pytest.raises(jinja2.TemplateError, match="one question at a time"):
@@ -359,9 +338,7 @@ def tiny_tokenizer_json(path, with_bos=True):
         specials.remove("<bos>")
     words = ["hello", "world", "user", "model"]
     hf = HFTokenizer(
-        models.WordLevel(
-            {t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"
-        )
+        models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>")
     )
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
     hf.add_special_tokens(specials)

@@ -32,10 +32,7 @@ def gemma4_spm_path() -> Path:
     shared = _REPO.parent / "shared" / "fixtures" / NAME
     if shared.is_file():
         return _checked(shared)
-    cache = Path(
-        os.environ.get("MLX_DIFFGEMMA_CACHE")
-        or Path.home() / ".cache" / "mlx_diffgemma"
-    )
+    cache = Path(os.environ.get("MLX_DIFFGEMMA_CACHE") or Path.home() / ".cache" / "mlx_diffgemma")
     path = cache / NAME
     if not path.is_file():
         _fetch(path)

@@ -175,4 +175,3 @@ class _Parser:
                 continue
             self.expect(close)
             return out
-
