@@ -1,7 +1,7 @@
-"""Command line: `mlx_diffgemma generate|infill|convert ...` (also `python -m mlx_diffgemma`).
+"""Command line: `mlx_diffgemma generate|infill|convert|serve ...` (also `python -m mlx_diffgemma`).
 
 This module only assembles the commands; each lives beside the module it drives
-(`generate.py`, `infill.py`, `convert.py`) and is imported only when it runs, so
+(`generate.py`, `infill.py`, `convert.py`, `server/app.py`) and is imported only when it runs, so
 `--help` answers at once and a Ctrl-C while MLX imports ends as cleanly as one later.
 """
 
@@ -23,7 +23,12 @@ COMMANDS = {
     "convert": (
         "convert",
         "convert_command",
-        "Convert a DiffusionGemma checkpoint to MLX (text only).",
+        "Convert a DiffusionGemma checkpoint to MLX (the vision tower kept when present).",
+    ),
+    "serve": (
+        "server.app",
+        "serve_command",
+        "Serve the model over OpenAI- and Anthropic-compatible HTTP APIs.",
     ),
 }
 

@@ -25,7 +25,7 @@ from mlx_lm.generate import wired_limit
 from .block_diffusion import Block, DenoiseStep, generate_step, generation_stream, prefill
 from .canvas import CanvasLayout, check_token_ids
 from .config import DiffusionConfig
-from .images import prompt_images
+from .images import prompt_images, user_message
 from .options import (
     CONTEXT_SETTINGS,
     SAMPLER_FLAGS,
@@ -578,7 +578,7 @@ def _after_interrupt(cache: PromptCache, before: List[int], model) -> PromptCach
     return fresh
 
 
-def _chat(answer, model, system: Optional[str], think: bool):
+def _chat(answer, model, system: Optional[str], think: bool, images=()):
     cache = PromptCache(model)
     click.echo(
         "Chat: type a message and press Enter; Ctrl-C stops an answer, Ctrl-D ends the chat.",
@@ -592,8 +592,8 @@ def _chat(answer, model, system: Optional[str], think: bool):
             return
         if not line.strip():
             continue
-        messages = [{"role": "user", "content": line}]
         first = len(cache) == 0
+        messages = [user_message(line, images if first else ())]
         if first and system:
             messages.insert(0, {"role": "system", "content": system})
         before = cache.tokens + cache.pending
@@ -660,9 +660,26 @@ def _load_for_generation(model_path: str, max_tokens: Optional[int], given: Dict
 @click.option(
     "--live", is_flag=True, help="Redraw the canvas at every denoising step (terminals only)."
 )
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    help="An image file for the (first) user message; repeat for several.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Print statistics to stderr.")
 def generate_command(
-    model_path, prompt, system, max_tokens, seed, think, show_thinking, chat, live, verbose, **kw
+    model_path,
+    prompt,
+    system,
+    max_tokens,
+    seed,
+    think,
+    show_thinking,
+    chat,
+    live,
+    images,
+    verbose,
+    **kw,
 ):
     """Generate text with DiffusionGemma."""
     if chat and prompt is not None:
@@ -680,10 +697,10 @@ def generate_command(
             _answer(model, tokenizer, messages, out, verbose, config=config, seed=seed, **kwargs)
 
         if chat:
-            _chat(answer, model, system, think)
+            _chat(answer, model, system, think, images)
         else:
             messages = [{"role": "system", "content": system}] if system else []
-            answer(messages + [{"role": "user", "content": prompt}], enable_thinking=think)
+            answer(messages + [user_message(prompt, images)], enable_thinking=think)
     except KeyboardInterrupt:
         if out is not None and out.live:
             click.echo(RESET + SHOW_CURSOR, nl=False)
