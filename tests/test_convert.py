@@ -376,15 +376,39 @@ def test_ctrl_c_exits_130_and_writes_nothing(hf_release, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-@pytest.mark.parametrize("quantize", [False, True])
-def test_mlx_vlm_loads_the_converted_folder(quantize, hf_release, reference, tmp_path):
+def text_only_copy(src: Path, dst: Path) -> Path:
+    """`src` without its vision tower: one shard, no vision keys, no vision_config."""
+    dst.mkdir()
+    weights = {}
+    for f in sorted(src.glob("model*.safetensors")):
+        weights.update(mx.load(str(f)))
+    vision = (".vision_tower.", ".embed_vision.")
+    mx.save_safetensors(
+        str(dst / "model.safetensors"),
+        {k: v for k, v in weights.items() if not any(t in k for t in vision)},
+        metadata={"format": "pt"},
+    )
+    config = json.loads((src / "config.json").read_text())
+    config.pop("vision_config", None)
+    (dst / "config.json").write_text(json.dumps(config))
+    shutil.copy(src / "generation_config.json", dst)
+    return dst
+
+
+# Text only (quantized): "vision_config": null, so mlx-vlm builds no tower; with the
+# tower kept (fp32): mlx-vlm builds and fills it.
+@pytest.mark.parametrize("vision", [False, True])
+def test_mlx_vlm_loads_the_converted_folder(vision, hf_release, tmp_path):
     from mlx_vlm.utils import load_model as mlx_vlm_load_model
 
-    out = convert(hf_release, tmp_path / "mlx", quantize=quantize, q_group_size=32)
-    assert json.loads((out / "config.json").read_text())["vision_config"] is None
+    src = hf_release if vision else text_only_copy(hf_release, tmp_path / "text")
+    out = convert(src, tmp_path / "mlx", quantize=not vision, q_group_size=32)
+    vision_config = json.loads((out / "config.json").read_text())["vision_config"]
+    assert (vision_config is not None) == vision
     model = mlx_vlm_load_model(out)  # strict: every parameter present, none left over
-    assert model.model.encoder.vision_tower is None
+    assert (model.model.encoder.vision_tower is not None) == vision
     ours = params(load_model(out))
     theirs = dict(tree_flatten(model.parameters()))
     key = "model.decoder.layers.0.experts.gate_up_proj.weight"
     assert mx.array_equal(theirs[key], ours[key])
+    assert load_model(out).has_vision == vision
