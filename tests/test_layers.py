@@ -16,29 +16,47 @@ PACKAGE = REPO / "mlx_diffgemma"
 NAME = "mlx_diffgemma"
 
 
-def _target(package: Path, module: str, name: str = "") -> str:
-    """The package module an import reaches: `mlx_diffgemma.a.b` -> `a`; the package -> `__init__`."""
-    if module:
-        return module.split(".")[0]
-    return name if (package / f"{name}.py").exists() else "__init__"
+def _modules(package: Path) -> Dict[str, Path]:
+    """Dotted module name (relative to the package) -> file; the package is `__init__`,
+    a subpackage is named by its folder (`server`)."""
+    out = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
 
 
-def _static_imports(package: Path, path: Path) -> Set[str]:
+def _resolve(modules: Dict[str, Path], parts: List[str]) -> str:
+    """The module an import of `parts` (relative to the package) reaches."""
+    while parts and ".".join(parts) not in modules:
+        parts = parts[:-1]  # an attribute of a module, not a module
+    return ".".join(parts) or "__init__"
+
+
+def _static_imports(modules: Dict[str, Path], name: str) -> Set[str]:
+    path = modules[name]
+    package = name.split(".") if path.name == "__init__.py" and name != "__init__" else []
+    if path.name != "__init__.py":
+        package = name.split(".")[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == NAME or alias.name.startswith(NAME + "."):
-                    found.add(_target(package, alias.name[len(NAME) + 1 :]))
+                    found.add(_resolve(modules, alias.name.split(".")[1:]))
         elif isinstance(node, ast.ImportFrom):
-            if node.level > 1:
-                raise AssertionError(f"{path.name}: an import reaches outside the package")
-            if node.level == 0 and not (node.module or "").startswith(NAME):
-                continue
-            module = node.module or ""
             if node.level == 0:
-                module = module[len(NAME) + 1 :]
-            found |= {_target(package, module, alias.name) for alias in node.names}
+                if not (node.module or "").startswith(NAME):
+                    continue
+                base = node.module.split(".")[1:]
+            else:
+                if node.level - 1 > len(package):
+                    raise AssertionError(f"{path}: an import reaches outside the package")
+                up = package[: len(package) - (node.level - 1)]
+                base = up + (node.module.split(".") if node.module else [])
+            found |= {_resolve(modules, base + [alias.name]) for alias in node.names}
     return found
 
 
@@ -53,7 +71,8 @@ def _dict_literal(path: Path, name: str) -> dict:
 
 def import_graph(package: Path) -> Dict[str, Set[str]]:
     """Module -> the package modules it imports (itself excluded)."""
-    graph = {p.stem: _static_imports(package, p) for p in package.glob("*.py")}
+    modules = _modules(package)
+    graph = {m: _static_imports(modules, m) for m in modules}
     # Imported by name at run time.
     graph["cli"] |= {
         module for module, *_ in _dict_literal(package / "cli.py", "COMMANDS").values()
@@ -83,7 +102,9 @@ def layering_problems(package: Path) -> List[str]:
     problems = [
         f"{m} imports cli" for m, deps in graph.items() if "cli" in deps and m != "__main__"
     ]
-    problems += [f"{m} imports __main__" for m, deps in graph.items() if "__main__" in deps]
+    problems += [
+        f"{m} imports {d}" for m, deps in graph.items() for d in deps if d.endswith("__main__")
+    ]
     try:
         layers(graph)
     except ValueError as e:
