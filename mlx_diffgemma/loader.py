@@ -53,8 +53,13 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def load_model(path_or_repo: Union[str, Path], lazy: bool = False) -> Model:
-    """Load the model alone, with its sampler settings in `model.generation_config`."""
+def load_model(
+    path_or_repo: Union[str, Path], lazy: bool = False, adapter_path: Optional[str] = None
+) -> Model:
+    """Load the model alone, with its sampler settings in `model.generation_config`.
+
+    `adapter_path`: a LoRA/DoRA/full fine-tune folder (mlx-lm's or PEFT's) to apply.
+    """
     path = get_model_path(path_or_repo)
     read_config(path)
     if not any(path.glob("model*.safetensors")):
@@ -66,12 +71,18 @@ def load_model(path_or_repo: Union[str, Path], lazy: bool = False) -> Model:
     # the model run from any thread (a lazy array belongs to its creating thread's stream).
     mx.eval([v for k, v in tree_flatten(model) if k.rsplit(".", 1)[-1].startswith("_")])
     model.generation_config = DiffusionConfig.from_pretrained(path)
+    if adapter_path is not None:
+        from .tuner.adapters import load_adapters
+
+        load_adapters(model, adapter_path)
     return model
 
 
-def load(path_or_repo: Union[str, Path], lazy: bool = False) -> Tuple[Model, "Tokenizer"]:
-    """Load `(model, tokenizer)` from a local folder or a hub repo id."""
+def load(
+    path_or_repo: Union[str, Path], lazy: bool = False, adapter_path: Optional[str] = None
+) -> Tuple[Model, "Tokenizer"]:
+    """Load `(model, tokenizer)` from a local folder or a hub repo id (and an adapter)."""
     from .tokenizer import Tokenizer
 
     path = get_model_path(path_or_repo)
-    return load_model(path, lazy=lazy), Tokenizer.from_pretrained(path)
+    return load_model(path, lazy=lazy, adapter_path=adapter_path), Tokenizer.from_pretrained(path)
