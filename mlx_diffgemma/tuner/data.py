@@ -131,7 +131,8 @@ class BatchIterator:
     restarts from the same key, so its loss is comparable between evaluations.
     """
 
-    def __init__(self, model, pad_id: int, objective: Objective, seed: int = 0):
+    def __init__(self, model, pad_id: int, objective: Objective, seed: int = 0, pad_to: int = 32):
+        self.pad_to = pad_to
         self.C = model.args.canvas_length
         self.V = model.args.vocab_size
         self.pad_id = pad_id
@@ -152,7 +153,8 @@ class BatchIterator:
         while True:
             for b in rng.permutation(len(batches)) if loop else range(len(batches)):
                 key, sub = mx.random.split(key)
-                batch = make_batch([dataset[j] for j in batches[b]], self.C, self.pad_id)
+                examples = [dataset[j] for j in batches[b]]
+                batch = make_batch(examples, self.C, self.pad_id, self.pad_to)
                 draws = sample_draws(sub, batch.n_canvases, self.C, self.V, self.objective)
                 yield (*batch, *draws)
             if not loop:

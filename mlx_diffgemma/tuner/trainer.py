@@ -17,9 +17,8 @@ from mlx_lm.tuner.trainer import TrainingArgs, evaluate
 from mlx_lm.tuner.trainer import train as mlx_lm_train
 from mlx_lm.tuner.utils import build_schedule
 
-from .data import BatchIterator, Example
+from .data import BatchIterator, Example, split_batch
 from .losses import Objective, diffusion_loss
-from .data import split_batch
 
 ADAM_BETAS = (0.95, 0.99)
 
@@ -86,8 +85,12 @@ def train(
     pad_id: int,
     seed: int = 0,
     callback: Optional[TrainingCallback] = None,
+    pad_to: int = 32,
 ) -> None:
-    """Train `model`'s trainable parameters; saves to `args.adapter_file`."""
+    """Train `model`'s trainable parameters; saves to `args.adapter_file`.
+
+    Sequences are right-padded to a multiple of `pad_to` (fewer compiled shapes).
+    """
     if args.grad_checkpoint:
         # mlx-lm's checkpointing patches the layer class's __call__, which the training
         # forward does not use (and inference does); ours is in the Objective.
@@ -100,7 +103,7 @@ def train(
         list(valid_set) or None,
         args=args,
         loss=make_loss(objective),
-        iterate_batches=BatchIterator(model, pad_id, objective, seed),
+        iterate_batches=BatchIterator(model, pad_id, objective, seed, pad_to),
         training_callback=callback,
     )
 
