@@ -29,7 +29,7 @@ REAL = {
 }
 
 
-def one_run(layers: int, seq: int, grad_checkpoint: bool) -> dict:
+def one_run(layers: int, seq: int, grad_checkpoint: bool, vocab: int = 262144) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -41,6 +41,7 @@ def one_run(layers: int, seq: int, grad_checkpoint: bool) -> dict:
 
     config = json.loads(json.dumps(REAL))
     config["text_config"]["num_hidden_layers"] = layers
+    config["text_config"]["vocab_size"] = vocab
     config["text_config"]["layer_types"] = ["sliding_attention"] * (layers - 1) + ["full_attention"]
     model = Model(ModelArgs.from_dict(config))
     model.set_dtype(mx.bfloat16)
@@ -64,7 +65,7 @@ def one_run(layers: int, seq: int, grad_checkpoint: bool) -> dict:
     opt.update(model, grads)
     mx.eval(loss, model.parameters(), opt.state)
     return {
-        "layers": layers, "seq": seq, "grad_checkpoint": grad_checkpoint,
+        "layers": layers, "seq": seq, "grad_checkpoint": grad_checkpoint, "vocab": vocab,
         "weights_gb": weights / 1e9, "peak_gb": mx.get_peak_memory() / 1e9,
         "seconds": time.perf_counter() - tic, "loss": loss.item(),
     }
@@ -77,8 +78,8 @@ def main(argv=None):
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: layers,seq,gc
     args = p.parse_args(argv)
     if args.one:
-        layers, seq, gc = (int(x) for x in args.one.split(","))
-        print(json.dumps(one_run(layers, seq, bool(gc))))
+        layers, seq, gc, vocab = (int(x) for x in args.one.split(","))
+        print(json.dumps(one_run(layers, seq, bool(gc), vocab)))
         return
     print(f"{'seq':>5} {'ckpt':>5} {'1 layer GB':>10} {'2 layers GB':>11} {'per layer':>9} "
           f"{'30 layers GB':>12} {'step s (1 layer)':>16}")

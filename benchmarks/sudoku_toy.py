@@ -31,6 +31,12 @@ from mlx_diffgemma.tuner.data import Example  # noqa: E402
 
 N, BR, BC = 6, 2, 3  # size, box rows, box columns
 ALPHABET = "0123456789|"
+# `mlx_diffgemma generate -p PUZZLE` on the toy: the user message's digits as the toy prompt.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ m['content'] | replace(' ', '') | replace('.', '0') }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}|{% endif %}"
+)
 
 
 def _candidates(grid, i):
@@ -165,6 +171,7 @@ def main(argv=None):
     toy.build_char_tokenizer(out, ALPHABET)
     toy.write_generation_config(out, max_new_tokens=2 * N * N, max_denoising_steps=48)
     write_csv(out / "test.csv", test)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     tokenizer = Tokenizer.from_pretrained(out)
     config = toy.tiny_config(tokenizer.vocab_size, 2 * N * N, hidden_size=args.hidden_size,
                              num_hidden_layers=args.layers, sliding_window=256)
