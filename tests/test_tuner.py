@@ -219,3 +219,25 @@ def test_from_scratch_cli_and_fuse(tok_dir, tmp_path):
     params = dict(tree_flatten(model.parameters()))
     for k, v in weights.items():
         assert mx.array_equal(params[k], v), k
+
+
+def test_sudoku_6x6_layout_and_ar_baseline(tokenizer):
+    from mlx_diffgemma import sudoku as S
+    from mlx_diffgemma.tuner.ar import ar_generate
+
+    puzzle = "460200500004120306340520604102013065"
+    solution = "461253532614125346346521654132213465"
+    assert S.hardness(puzzle) == "easy" and S.answer_tokens(36) == 71
+    assert S.score(" ".join(solution), puzzle, solution) == S.Score(1.0, 15 / 36, 1.0, 1.0, 1.0)
+    assert S.prompt_ids(tokenizer, puzzle, "toy") == [2] + tokenizer.encode(puzzle + "|")
+    lay = S.answer_layout(tokenizer, puzzle, 72, 16, 1, digits_only=True)
+    assert len(lay.ids) == 72 and sum(not f for f in lay.fixed) == 15
+    allowed = np.nonzero(np.array(lay.token_masks[0]))[0].tolist()
+    assert tokenizer.decode(allowed) == "123456"
+    model = init_model(small_config(), seed=3)
+    fixed = [i if f else None for i, f in zip(lay.ids, lay.fixed)]
+    out = ar_generate(model, S.prompt_ids(tokenizer, puzzle, "toy"), 72, (1,), fixed,
+                      [None if f else allowed for f in lay.fixed])
+    text = tokenizer.decode(out[:71])
+    assert [text[2 * i] for i in range(36) if puzzle[i] != "0"] == [c for c in puzzle if c != "0"]
+    assert all(text[2 * i] in "123456" for i in range(36)) and out[71] == 1
