@@ -2,10 +2,15 @@
 
 Every expert runs on every row and the router's weights, zero outside each row's top-k,
 combine them. The result is the sorted `gather_mm` path's up to fp32 summation order
-(the unselected experts add exact zeros, and get exactly zero gradient). It pays off when
-the experts are few: on the CPU `gather_mm` has no BLAS kernel, while the dense path is
-one batched GEMM per projection (4,000 rows through a 128->256 projection over 4 experts:
-9.9 ms dense vs 55.6 ms gathered).
+(the unselected experts add exact zeros, and get exactly zero gradient).
+
+When it pays off (CPU, OpenBLAS preloaded, 1 thread, 4 experts top-2, expert width =
+hidden; expert forward + backward): on the CPU `gather_mm` has no BLAS kernel, while the
+dense path is one GEMM per projection, but it also runs the GeGLU on E instead of K
+experts per row, and at small widths that element-wise work dominates: 4,000 rows at
+width 128: dense 224 ms vs sorted 140 ms; 1,000 rows at width 512: dense 289 ms vs
+sorted 363 ms. So it is chosen automatically only on the CPU, for E <= 4 K, and for
+expert matrices of at least 512 x 512 (`benchmarks/train_speed.py` measures a toy).
 """
 
 import mlx.core as mx
@@ -16,6 +21,9 @@ from mlx_lm.tuner.lora import LoRASwitchLinear
 
 # Dense costs E/K times the selected experts' FLOPs; allow at most this factor.
 MAX_DENSE_RATIO = 4
+# Below this expert matrix size (hidden x expert width) the GeGLU over every expert costs
+# more than BLAS saves (module docstring).
+MIN_DENSE_SIZE = 512 * 512
 
 
 def _supported(layer) -> bool:
@@ -28,9 +36,11 @@ def _supported(layer) -> bool:
 
 def use_dense(experts, top_k: int) -> bool:
     """Whether `experts` (gate_up_proj/down_proj switch layers) should run densely."""
-    n = experts.gate_up_proj.num_experts
-    return n <= MAX_DENSE_RATIO * top_k and all(
-        _supported(m) for m in (experts.gate_up_proj, experts.down_proj)
+    down = experts.down_proj
+    if mx.default_device() != mx.cpu or down.input_dims * down.output_dims < MIN_DENSE_SIZE:
+        return False
+    return down.num_experts <= MAX_DENSE_RATIO * top_k and all(
+        _supported(m) for m in (experts.gate_up_proj, down)
     )
 
 

@@ -194,7 +194,7 @@ def run(args) -> None:
             raise ValueError(f"--train needs {args.data}/train.jsonl with examples.")
         run_training(args, model, tokenizer, data)
     elif args.test:
-        if args.adapter_path and Path(args.adapter_path).exists():
+        if args.adapter_path != "":  # "" tests the base model, as mlx_lm.lora
             A.load_adapters(model, args.adapter_path)
     else:
         raise ValueError("Pass --train, --test or both.")

@@ -50,6 +50,10 @@ def _freeze_scalars(model) -> None:
 def setup_full(model, num_layers: int = -1, freeze_router: bool = False) -> None:
     """Full fine-tuning of the last `num_layers` layers (-1: all, with the embedding,
     final norm and self-conditioning)."""
+    if num_layers > len(model.layers):
+        raise ValueError(
+            f"--num-layers {num_layers} is more than the model's {len(model.layers)} layers."
+        )
     n = len(model.layers) if num_layers < 0 else num_layers
     model.freeze()
     for layer in model.layers[len(model.layers) - n :]:
