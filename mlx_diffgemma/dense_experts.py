@@ -36,12 +36,15 @@ def _supported(layer) -> bool:
 
 def use_dense(experts, top_k: int) -> bool:
     """Whether `experts` (gate_up_proj/down_proj switch layers) should run densely."""
-    down = experts.down_proj
-    if mx.default_device() != mx.cpu or down.input_dims * down.output_dims < MIN_DENSE_SIZE:
+    if mx.default_device() != mx.cpu:
         return False
-    return down.num_experts <= MAX_DENSE_RATIO * top_k and all(
-        _supported(m) for m in (experts.gate_up_proj, down)
-    )
+    if not all(_supported(m) for m in (experts.gate_up_proj, experts.down_proj)):
+        return False
+    down = experts.down_proj
+    down = down.linear if isinstance(down, LoRASwitchLinear) else down
+    if down.input_dims * down.output_dims < MIN_DENSE_SIZE:
+        return False
+    return down.num_experts <= MAX_DENSE_RATIO * top_k
 
 
 def per_expert(layer, h: mx.array) -> mx.array:

@@ -157,12 +157,17 @@ def test_lora_cli_adapter_reload_and_fuse(trained, tmp_path):
     for name in ("train", "valid", "test"):
         (data / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
     adapters = tmp_path / "adapters"
+    (tmp_path / "lora.yaml").write_text(
+        "lora_parameters:\n  rank: 4\n  scale: 10.0\n  dropout: 0.0\nseed: 3\n"
+    )
     lora.main(["--model", str(base), "--train", "--data", str(data), "--iters", "12",
+               "--config", str(tmp_path / "lora.yaml"),
                "--batch-size", "8", "--num-layers", "-1", "--val-batches", "1",
                "--steps-per-eval", "6", "--adapter-path", str(adapters), "--learning-rate",
                "1e-2", "--test", "--test-batches", "1"])
     config = json.loads((adapters / "adapter_config.json").read_text())
-    assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["rank"] == 8
+    assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["rank"] == 4
+    assert config["lora_parameters"]["scale"] == 10.0 and config["seed"] == 3
     keys = set(mx.load(str(adapters / "adapters.safetensors")))
     assert any(".experts.gate_up_proj.lora_a" in k for k in keys)
     assert any(".router.proj.lora_b" in k for k in keys)
@@ -241,3 +246,14 @@ def test_sudoku_6x6_layout_and_ar_baseline(tokenizer):
     text = tokenizer.decode(out[:71])
     assert [text[2 * i] for i in range(36) if puzzle[i] != "0"] == [c for c in puzzle if c != "0"]
     assert all(text[2 * i] in "123456" for i in range(36)) and out[71] == 1
+
+
+def test_dense_experts_chosen_for_wide_few_experts_on_cpu():
+    from mlx_diffgemma.dense_experts import use_dense
+
+    with mx.stream(mx.cpu):
+        wide = init_model(small_config(hidden_size=512, num_hidden_layers=1), seed=0)
+        narrow = init_model(small_config(hidden_size=64, num_hidden_layers=1), seed=0)
+        assert use_dense(wide.layers[0].experts, 2)
+        assert not use_dense(narrow.layers[0].experts, 2)
+        assert not use_dense(wide.layers[0].experts, 1)  # 4 experts > 4 x top-1
