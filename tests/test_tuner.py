@@ -256,4 +256,5 @@ def test_dense_experts_chosen_for_wide_few_experts_on_cpu():
         narrow = init_model(small_config(hidden_size=64, num_hidden_layers=1), seed=0)
         assert use_dense(wide.layers[0].experts, 2)
         assert not use_dense(narrow.layers[0].experts, 2)
-        assert not use_dense(wide.layers[0].experts, 1)  # 4 experts > 4 x top-1
+        many = init_model(small_config(hidden_size=512, num_hidden_layers=1, num_experts=12))
+        assert not use_dense(many.layers[0].experts, 2)  # 12 experts > 4 x top-2
