@@ -159,6 +159,7 @@ def main(argv=None):
     p.add_argument("--test-puzzles", type=int, default=200)
     p.add_argument("--givens", default="14,22", help="Clue range of generated puzzles.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", help="Continue from this toy checkpoint's weights.")
     args = p.parse_args(argv)
     out = Path(args.out)
     givens = tuple(int(x) for x in args.givens.split(","))
@@ -176,6 +177,8 @@ def main(argv=None):
     config = toy.tiny_config(tokenizer.vocab_size, 2 * N * N, hidden_size=args.hidden_size,
                              num_hidden_layers=args.layers, sliding_window=256)
     model = init_model(config, args.seed)
+    if args.init_from:
+        model.load_weights(str(Path(args.init_from) / "model.safetensors"))
     setup_full(model, -1)
     train_set = [example(tokenizer, *pq) for pq in augmented(base, 50000, args.seed)]
     valid_set = [example(tokenizer, *pq) for pq in test[:64]]

@@ -246,7 +246,7 @@ class Experts(nn.Module):
         dim, hidden, n = args.hidden_size, args.moe_intermediate_size, args.num_experts
         self.gate_up_proj = SwitchLinear(dim, 2 * hidden, n, bias=False)
         self.down_proj = SwitchLinear(hidden, dim, n, bias=False)
-        # None: choose per call (dense for few experts); True/False forces a path.
+        # None: `use_dense` chooses per call (few, wide experts on the CPU); True/False forces.
         self.dense = None
 
     def __call__(self, x, inds, weights):
