@@ -258,3 +258,18 @@ def test_dense_experts_chosen_for_wide_few_experts_on_cpu():
         assert not use_dense(narrow.layers[0].experts, 2)
         many = init_model(small_config(hidden_size=512, num_hidden_layers=1, num_experts=12))
         assert not use_dense(many.layers[0].experts, 2)  # 12 experts > 4 x top-2
+
+
+def test_shipped_sudoku_toy_solves_offline():
+    from pathlib import Path
+
+    from mlx_diffgemma import sudoku as S
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "sudoku_toy"
+    model, tokenizer = load(folder)
+    puzzle, solution = S.load_puzzles(folder / "test.csv", limit=1)[0]
+    text, last = S.solve(model, tokenizer, puzzle, style="toy", digits_only=True, seed=0,
+                         max_denoising_steps=4)
+    score = S.score(text, puzzle, solution)
+    assert score.givens_exact == 1.0 and S.extract(text, 36) is not None
+    assert last.finish_reason == "stop"
