@@ -165,8 +165,12 @@ def _experts_in_float32(model: Model) -> None:
     )
 
 
-def load_model(path_or_repo: Union[str, Path], lazy: bool = False) -> Model:
+def load_model(
+    path_or_repo: Union[str, Path], lazy: bool = False, adapter_path: Optional[str] = None
+) -> Model:
     """Load the model alone, with its sampler settings in `model.generation_config`.
+
+    `adapter_path`: a LoRA/DoRA/full fine-tune folder (mlx-lm's or PEFT's) to apply.
 
     On the CPU backend, unquantized bf16/fp16 expert matrices are cast to float32 (with a
     warning on stderr): MLX's CPU expert matmul supports float32 only. The vision tower
@@ -175,6 +179,10 @@ def load_model(path_or_repo: Union[str, Path], lazy: bool = False) -> Model:
     """
     model = load_stored_model(path_or_repo, lazy)
     _experts_in_float32(model)
+    if adapter_path is not None:
+        from .tuner.adapters import load_adapters
+
+        load_adapters(model, adapter_path)
     return model
 
 
@@ -198,11 +206,13 @@ def load_stored_model(path_or_repo: Union[str, Path], lazy: bool = False) -> Mod
     return model
 
 
-def load(path_or_repo: Union[str, Path], lazy: bool = False) -> Tuple[Model, "Tokenizer"]:
-    """Load `(model, tokenizer)` from a local folder or a hub repo id."""
+def load(
+    path_or_repo: Union[str, Path], lazy: bool = False, adapter_path: Optional[str] = None
+) -> Tuple[Model, "Tokenizer"]:
+    """Load `(model, tokenizer)` from a local folder or a hub repo id (and an adapter)."""
     from .tokenizer import Tokenizer
 
     path = get_model_path(path_or_repo)
     read_config(path)
     tokenizer = Tokenizer.from_pretrained(path)  # before the weights: it is quick to check
-    return load_model(path, lazy=lazy), tokenizer
+    return load_model(path, lazy=lazy, adapter_path=adapter_path), tokenizer

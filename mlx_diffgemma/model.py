@@ -18,6 +18,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from .cache import SlidingWindowCache, cached_kv
+from .dense_experts import dense_experts, use_dense
 from .vision import make_vision
 
 _VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
@@ -284,9 +285,14 @@ class Experts(nn.Module):
         dim, hidden, n = args.hidden_size, args.moe_intermediate_size, args.num_experts
         self.gate_up_proj = SwitchLinear(dim, 2 * hidden, n, bias=False)
         self.down_proj = SwitchLinear(hidden, dim, n, bias=False)
+        # None: `use_dense` chooses per call (few, wide experts on the CPU); True/False forces.
+        self.dense = None
 
     def __call__(self, x, inds, weights):
         # x: (N, D), inds/weights: (N, K)
+        dense = use_dense(self, inds.shape[-1]) if self.dense is None else self.dense
+        if dense:
+            return dense_experts(self, x, inds, weights)
         x = mx.expand_dims(x, (-2, -3))
         # Sort the N*K (token, expert) rows by expert once; both matmuls reuse the order.
         do_sort = inds.size >= 64

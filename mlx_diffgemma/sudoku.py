@@ -18,6 +18,11 @@ Cell accuracy: correctly filled empty cells / 81 (Google divides by 81, so a per
 answer scores (81 - givens) / 81); blank accuracy divides by the empty cells instead.
 Givens preserved: all givens kept (exact), or the kept fraction (partial). Each is
 averaged per hardness: easy >= 40 givens, medium 30-39, hard < 30.
+
+6x6 grids (2x3 boxes, 36 cells, for toy models) work the same way: 71 answer tokens,
+digits 1-6, hardness bins at the same fractions of the cells (easy >= 18 givens,
+medium 14-17, hard < 14). The toy prompt ("toy") is `<bos>`, the grid's digits with no
+spaces and `|` (short prompts keep toy training cheap); the answer is as above.
 """
 
 import csv
@@ -41,8 +46,14 @@ SYSTEM_PROMPT = (
 RECIPE_PROMPT = (
     "<|turn>system " + SYSTEM_PROMPT + "<turn|>\n<|turn>user {puzzle}<turn|>\n<|turn>model\n"
 )
-PROMPT_STYLES = ("recipe", "chat")
+PROMPT_STYLES = ("recipe", "chat", "toy")
 ANSWER_TOKENS = 161  # 81 digits and 80 spaces
+SIZES = {81: 9, 36: 6}  # cells -> digits (9x9, and 6x6 with 2x3 boxes)
+
+
+def answer_tokens(cells: int) -> int:
+    """Digits and separating spaces of a grid's answer."""
+    return 2 * cells - 1
 
 # Hand-made puzzles with unique solutions (two per hardness), for runs without a dataset.
 PUZZLES: Tuple[Tuple[str, str], ...] = (
@@ -92,9 +103,9 @@ def parse_grid(grid: str) -> str:
         ValueError: not 81 cells.
     """
     cells = "".join(grid.split()).replace(".", "0")
-    if len(cells) != 81 or not cells.isdigit():
+    if len(cells) not in SIZES or not cells.isdigit():
         raise ValueError(
-            f"A Sudoku grid needs 81 digits (0 or . for empty), got {grid[:30]!r}... "
+            f"A Sudoku grid needs 81 digits (or 36 for 6x6; 0 or . for empty), got {grid[:30]!r}... "
             f"({len(cells)} cells)."
         )
     return cells
@@ -110,30 +121,32 @@ def givens(puzzle: str) -> int:
 
 
 def hardness(puzzle: str) -> str:
-    """ "easy" (>= 40 givens), "medium" (30-39) or "hard" (< 30), as Google's eval bins."""
-    n = givens(puzzle)
-    return "easy" if n >= 40 else "medium" if n >= 30 else "hard"
+    """"easy" (>= 40 givens), "medium" (30-39) or "hard" (< 30), as Google's eval bins
+    (6x6: the same fractions of 36 cells, 18 and 14)."""
+    n, cells = givens(puzzle), len(parse_grid(puzzle))
+    return "easy" if n * 81 >= 40 * cells else "medium" if n * 81 >= 30 * cells else "hard"
 
 
-def extract(text: str) -> Optional[str]:
-    """The last 81 digits of `text`, or None if it has fewer."""
+def extract(text: str, cells: int = 81) -> Optional[str]:
+    """The last `cells` digits of `text`, or None if it has fewer."""
     digits = re.findall(r"[0-9]", text)
-    return "".join(digits[-81:]) if len(digits) >= 81 else None
+    return "".join(digits[-cells:]) if len(digits) >= cells else None
 
 
 def score(text: str, puzzle: str, solution: str) -> Score:
     """Score one output against its puzzle and solution (see the module docstring)."""
     puzzle, solution = parse_grid(puzzle), parse_grid(solution)
-    answer = extract(text)
+    cells = len(puzzle)
+    answer = extract(text, cells)
     if answer is None:
         return Score(0.0, 0.0, 0.0, 0.0, 0.0)
-    blanks = [i for i in range(81) if puzzle[i] == "0"]
-    given = [i for i in range(81) if puzzle[i] != "0"]
+    blanks = [i for i in range(cells) if puzzle[i] == "0"]
+    given = [i for i in range(cells) if puzzle[i] != "0"]
     filled = sum(answer[i] == solution[i] for i in blanks)
     kept = sum(answer[i] == puzzle[i] for i in given)
     return Score(
         exact=float(answer == solution),
-        cell=filled / 81,
+        cell=filled / cells,
         blank=filled / len(blanks) if blanks else 1.0,
         givens_exact=float(kept == len(given)),
         givens_partial=kept / len(given) if given else 1.0,
@@ -192,6 +205,8 @@ def prompt_ids(tokenizer, puzzle: str, style: str = "recipe") -> List[int]:
     if style == "chat":
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if style == "toy":
+        return [tokenizer.bos_token_id] + tokenizer.encode(parse_grid(puzzle) + "|")
     raise ValueError(f"Unknown prompt style {style!r}; use one of {PROMPT_STYLES}.")
 
 
@@ -238,13 +253,14 @@ def answer_layout(
         fixed.append(c != "0")
     if ids != expected:
         raise ValueError("This tokenizer does not write a grid as one token per cell and space.")
-    n = math.ceil((ANSWER_TOKENS + 1) / canvas_length) * canvas_length
-    ids += [end_id] + [tokenizer.pad_token_id] * (n - ANSWER_TOKENS - 1)
-    fixed += [True] * (n - ANSWER_TOKENS)
+    answer = answer_tokens(len(puzzle))
+    n = math.ceil((answer + 1) / canvas_length) * canvas_length
+    ids += [end_id] + [tokenizer.pad_token_id] * (n - answer - 1)
+    fixed += [True] * (n - answer)
     if not digits_only:
         return CanvasLayout(tuple(ids), tuple(fixed))
     mask = np.zeros((1, vocab_size), dtype=bool)
-    mask[0, [digit[d] for d in "123456789"]] = True
+    mask[0, [digit[str(d)] for d in range(1, SIZES[len(puzzle)] + 1)]] = True
     classes = tuple(-1 if f else 0 for f in fixed)
     return CanvasLayout(tuple(ids), tuple(fixed), (), classes, mx.array(mask))
 
@@ -291,7 +307,8 @@ def solve(
             tokenizer, puzzle, C, model.args.vocab_size, end, digits_only=digits_only
         )
     else:
-        kwargs.setdefault("max_tokens", math.ceil((ANSWER_TOKENS + 1) / C) * C)
+        answer = answer_tokens(len(parse_grid(puzzle)))
+        kwargs.setdefault("max_tokens", math.ceil((answer + 1) / C) * C)
     text, last = [], None
     for last in stream_generate(model, tokenizer, ids, **kwargs):
         if last.kind == "commit":
