@@ -49,8 +49,10 @@ def write_data(folder, k, seed):
 
 def accuracy(model, tokenizer, k, n=100):
     tests = strings(n, 12345)
-    hits = sum(generate(model, tokenizer, [{"role": "user", "content": x}], seed=i)
-               == shifted(x, k) for i, x in enumerate(tests))
+    hits = sum(
+        generate(model, tokenizer, [{"role": "user", "content": x}], seed=i) == shifted(x, k)
+        for i, x in enumerate(tests)
+    )
     return hits / n
 
 
@@ -73,23 +75,67 @@ def main(argv=None):
     toy.build_char_tokenizer(tok, ALPHABET)
     toy.write_generation_config(tok, max_new_tokens=8, max_denoising_steps=8)
     (tok / "chat_template.jinja").write_text(TEMPLATE)
-    (out / "tiny.json").write_text(json.dumps(toy.tiny_config(16, 8, hidden_size=64,
-                                                               num_hidden_layers=2)))
+    (out / "tiny.json").write_text(
+        json.dumps(toy.tiny_config(16, 8, hidden_size=64, num_hidden_layers=2))
+    )
     write_data(out / "data_base", 1, 0)
     write_data(out / "data_new", 3, 100)
-    common = ["--batch-size", "16", "--steps-per-report", "100", "--steps-per-eval", "1000000",
-              "--save-every", "1000000", "--val-batches", "1"]
+    common = [
+        "--batch-size",
+        "16",
+        "--steps-per-report",
+        "100",
+        "--steps-per-eval",
+        "1000000",
+        "--save-every",
+        "1000000",
+        "--val-batches",
+        "1",
+    ]
     tic = time.perf_counter()
-    lora.main(["--model", str(tok), "--init-config", str(out / "tiny.json"), "--train",
-               "--fine-tune-type", "full", "--num-layers", "-1", "--data",
-               str(out / "data_base"), "--iters", str(args.base_iters), "--learning-rate",
-               "1e-2", "--adapter-path", str(out / "base_run"), *common])
+    lora.main(
+        [
+            "--model",
+            str(tok),
+            "--init-config",
+            str(out / "tiny.json"),
+            "--train",
+            "--fine-tune-type",
+            "full",
+            "--num-layers",
+            "-1",
+            "--data",
+            str(out / "data_base"),
+            "--iters",
+            str(args.base_iters),
+            "--learning-rate",
+            "1e-2",
+            "--adapter-path",
+            str(out / "base_run"),
+            *common,
+        ]
+    )
     base = fuse.fuse(tok, out / "base_run", out / "base")
     base_s = time.perf_counter() - tic
     tic = time.perf_counter()
-    lora.main(["--model", str(base), "--train", "--data", str(out / "data_new"), "--iters",
-               str(args.lora_iters), "--learning-rate", "3e-3", "--num-layers", "-1",
-               "--adapter-path", str(out / "adapter"), *common])
+    lora.main(
+        [
+            "--model",
+            str(base),
+            "--train",
+            "--data",
+            str(out / "data_new"),
+            "--iters",
+            str(args.lora_iters),
+            "--learning-rate",
+            "3e-3",
+            "--num-layers",
+            "-1",
+            "--adapter-path",
+            str(out / "adapter"),
+            *common,
+        ]
+    )
     lora_s = time.perf_counter() - tic
     fused = fuse.fuse(base, out / "adapter", out / "fused")
 
@@ -109,8 +155,10 @@ def main(argv=None):
         == generate(m_fused, tokenizer, [{"role": "user", "content": x}], seed=i)
         for i, x in enumerate(strings(100, 12345))
     )
-    print(f"\nbase: {args.base_iters} steps from scratch ({base_s:.0f}s); "
-          f"LoRA: {args.lora_iters} steps ({lora_s:.0f}s)")
+    print(
+        f"\nbase: {args.base_iters} steps from scratch ({base_s:.0f}s); "
+        f"LoRA: {args.lora_iters} steps ({lora_s:.0f}s)"
+    )
     for name, acc in rows.items():
         print(f"{name:<34} exact {acc:.2f}")
     print(f"fused vs base + adapter: max|dlogit| {diff:.1e}; same 100 outputs: {same}")

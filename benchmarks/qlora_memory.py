@@ -46,8 +46,12 @@ def one_run(layers: int, seq: int, grad_checkpoint: bool, vocab: int = 262144) -
     model = Model(ModelArgs.from_dict(config))
     model.set_dtype(mx.bfloat16)
     predicate = model.quant_predicate
-    nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: hasattr(
-        m, "to_quantized") and predicate(p, m))
+    nn.quantize(
+        model,
+        group_size=64,
+        bits=4,
+        class_predicate=lambda p, m: hasattr(m, "to_quantized") and predicate(p, m),
+    )
     mx.eval(model.parameters())
     weights = mx.get_active_memory()
     lp = {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": default_lora_keys(model)}
@@ -65,9 +69,14 @@ def one_run(layers: int, seq: int, grad_checkpoint: bool, vocab: int = 262144) -
     opt.update(model, grads)
     mx.eval(loss, model.parameters(), opt.state)
     return {
-        "layers": layers, "seq": seq, "grad_checkpoint": grad_checkpoint, "vocab": vocab,
-        "weights_gb": weights / 1e9, "peak_gb": mx.get_peak_memory() / 1e9,
-        "seconds": time.perf_counter() - tic, "loss": loss.item(),
+        "layers": layers,
+        "seq": seq,
+        "grad_checkpoint": grad_checkpoint,
+        "vocab": vocab,
+        "weights_gb": weights / 1e9,
+        "peak_gb": mx.get_peak_memory() / 1e9,
+        "seconds": time.perf_counter() - tic,
+        "loss": loss.item(),
     }
 
 
@@ -81,21 +90,28 @@ def main(argv=None):
         layers, seq, gc, vocab = (int(x) for x in args.one.split(","))
         print(json.dumps(one_run(layers, seq, bool(gc), vocab)))
         return
-    print(f"{'seq':>5} {'ckpt':>5} {'1 layer GB':>10} {'2 layers GB':>11} {'per layer':>9} "
-          f"{'30 layers GB':>12} {'step s (1 layer)':>16}")
+    print(
+        f"{'seq':>5} {'ckpt':>5} {'1 layer GB':>10} {'2 layers GB':>11} {'per layer':>9} "
+        f"{'30 layers GB':>12} {'step s (1 layer)':>16}"
+    )
     for seq in (int(s) for s in args.seq.split(",")):
         for gc in (0, 1):
             runs = {}
             for layers in (int(n) for n in args.layers.split(",")):
                 out = subprocess.run(
                     [sys.executable, __file__, "--one", f"{layers},{seq},{gc}"],
-                    capture_output=True, text=True, check=True,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 runs[layers] = json.loads(out.stdout.strip().splitlines()[-1])
             one, two = runs[1]["peak_gb"], runs.get(2, runs[1])["peak_gb"]
             slope = two - one
-            print(f"{seq:>5} {'yes' if gc else 'no':>5} {one:>10.2f} {two:>11.2f} {slope:>9.2f} "
-                  f"{one + 29 * slope:>12.1f} {runs[1]['seconds']:>16.1f}", flush=True)
+            print(
+                f"{seq:>5} {'yes' if gc else 'no':>5} {one:>10.2f} {two:>11.2f} {slope:>9.2f} "
+                f"{one + 29 * slope:>12.1f} {runs[1]['seconds']:>16.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -90,8 +90,14 @@ def ar_sweep(model, tokenizer, puzzles, *, style="recipe", clamp=True, digits_on
         n = S.answer_tokens(len(S.parse_grid(puzzle))) + 1
         fixed = allowed = None
         if clamp:
-            lay = S.answer_layout(tokenizer, puzzle, model.args.canvas_length,
-                                  model.args.vocab_size, eos[0], digits_only=digits_only)
+            lay = S.answer_layout(
+                tokenizer,
+                puzzle,
+                model.args.canvas_length,
+                model.args.vocab_size,
+                eos[0],
+                digits_only=digits_only,
+            )
             fixed = [i if f else None for i, f in zip(lay.ids, lay.fixed)][:n]
             if digits_only:
                 row = np.nonzero(np.array(lay.token_masks[0]))[0].tolist()
@@ -100,8 +106,12 @@ def ar_sweep(model, tokenizer, puzzles, *, style="recipe", clamp=True, digits_on
         tokens += len(out)
         scores.append(S.score(tokenizer.decode(out), puzzle, solution))
     seconds = time.perf_counter() - tic
-    return {"steps": "AR", "metrics": S.summarize(scores, [p for p, _ in puzzles]),
-            "steps_used": 0.0, "tokens_per_second": tokens / seconds if seconds else 0.0}
+    return {
+        "steps": "AR",
+        "metrics": S.summarize(scores, [p for p, _ in puzzles]),
+        "steps_used": 0.0,
+        "tokens_per_second": tokens / seconds if seconds else 0.0,
+    }
 
 
 def format_table(rows: List[Dict]) -> str:
@@ -162,8 +172,11 @@ def main(argv=None):
     )
     p.add_argument("--digits-only", action="store_true", help="Limit empty cells to 1-9.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ar", action="store_true",
-                   help="Add the AR baseline: the same weights decoded by their encoder.")
+    p.add_argument(
+        "--ar",
+        action="store_true",
+        help="Add the AR baseline: the same weights decoded by their encoder.",
+    )
     p.add_argument("--json", help="Also write the rows to this JSON file.")
     p.add_argument("--verbose", action="store_true", help="Print every answer.")
     args = p.parse_args(argv)
@@ -198,8 +211,16 @@ def main(argv=None):
         verbose=args.verbose,
     )
     if args.ar:
-        rows.append(ar_sweep(model, tokenizer, puzzles, style=args.prompt_format,
-                             clamp=not args.no_clamp, digits_only=args.digits_only))
+        rows.append(
+            ar_sweep(
+                model,
+                tokenizer,
+                puzzles,
+                style=args.prompt_format,
+                clamp=not args.no_clamp,
+                digits_only=args.digits_only,
+            )
+        )
     print(format_table(rows))
     print(f"({time.perf_counter() - tic:.1f} s)")
     if args.json:

@@ -167,15 +167,22 @@ def main(argv=None):
     tic = time.perf_counter()
     base = generate_set(args.base_puzzles, args.seed, givens)
     test = generate_set(args.test_puzzles, args.seed + 1000, givens)
-    print(f"generated {len(base)} + {len(test)} puzzles in {time.perf_counter() - tic:.1f}s",
-          flush=True)
+    print(
+        f"generated {len(base)} + {len(test)} puzzles in {time.perf_counter() - tic:.1f}s",
+        flush=True,
+    )
     toy.build_char_tokenizer(out, ALPHABET)
     toy.write_generation_config(out, max_new_tokens=2 * N * N, max_denoising_steps=48)
     write_csv(out / "test.csv", test)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     tokenizer = Tokenizer.from_pretrained(out)
-    config = toy.tiny_config(tokenizer.vocab_size, 2 * N * N, hidden_size=args.hidden_size,
-                             num_hidden_layers=args.layers, sliding_window=256)
+    config = toy.tiny_config(
+        tokenizer.vocab_size,
+        2 * N * N,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        sliding_window=256,
+    )
     model = init_model(config, args.seed)
     if args.init_from:
         model.load_weights(str(Path(args.init_from) / "model.safetensors"))
@@ -183,13 +190,27 @@ def main(argv=None):
     train_set = [example(tokenizer, *pq) for pq in augmented(base, 50000, args.seed)]
     valid_set = [example(tokenizer, *pq) for pq in test[:64]]
     targs = TrainingArgs(
-        batch_size=args.batch_size, iters=args.iters, val_batches=2, steps_per_report=50,
-        steps_per_eval=500, steps_per_save=10**9, adapter_file=out / "adapters.safetensors",
+        batch_size=args.batch_size,
+        iters=args.iters,
+        val_batches=2,
+        steps_per_report=50,
+        steps_per_eval=500,
+        steps_per_save=10**9,
+        adapter_file=out / "adapters.safetensors",
     )
     tic = time.perf_counter()
-    train(model, train_set, valid_set, targs, Objective(),
-          make_optimizer(args.learning_rate, args.iters), tokenizer.pad_token_id, args.seed,
-          ProgressReport(), pad_to=8)
+    train(
+        model,
+        train_set,
+        valid_set,
+        targs,
+        Objective(),
+        make_optimizer(args.learning_rate, args.iters),
+        tokenizer.pad_token_id,
+        args.seed,
+        ProgressReport(),
+        pad_to=8,
+    )
     print(f"trained {args.iters} steps in {time.perf_counter() - tic:.0f}s", flush=True)
     (out / "adapters.safetensors").unlink(missing_ok=True)
     toy.save_model(model, config, out)

@@ -29,15 +29,18 @@ from mlx_diffgemma.tuner.trainer import make_optimizer  # noqa: E402
 
 
 def steps_per_second(dense: bool, args) -> float:
-    cfg = toy.tiny_config(16, 72, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                          sliding_window=256)
+    cfg = toy.tiny_config(
+        16, 72, hidden_size=args.hidden, num_hidden_layers=args.layers, sliding_window=256
+    )
     model = init_model(cfg, 0)
     setup_full(model, -1)
     for layer in model.layers:
         layer.experts.dense = dense
     rng = np.random.default_rng(0)
-    examples = [Example([2] + list(rng.integers(4, 14, 37)), list(rng.integers(4, 14, 71)), 1)
-                for _ in range(args.batch_size)]
+    examples = [
+        Example([2] + list(rng.integers(4, 14, 37)), list(rng.integers(4, 14, 71)), 1)
+        for _ in range(args.batch_size)
+    ]
     batch = make_batch(examples, 72, 0, pad_to=8)
     obj = Objective()
     opt = make_optimizer(1e-3, 100)
@@ -69,9 +72,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     dense = steps_per_second(True, args)
     gathered = steps_per_second(False, args)
-    print(f"hidden {args.hidden}, {args.layers} layers, batch {args.batch_size}, 4 experts top-2:"
-          f" dense {dense:.2f} it/s, sorted gather_mm {gathered:.2f} it/s "
-          f"({dense / gathered:.2f}x)")
+    print(
+        f"hidden {args.hidden}, {args.layers} layers, batch {args.batch_size}, 4 experts top-2:"
+        f" dense {dense:.2f} it/s, sorted gather_mm {gathered:.2f} it/s "
+        f"({dense / gathered:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

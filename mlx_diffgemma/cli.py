@@ -1,4 +1,4 @@
-"""Command line: `mlx_diffgemma generate|infill|convert|serve ...` (also `python -m mlx_diffgemma`).
+"""Command line: `mlx_diffgemma generate|infill|convert|lora|fuse|serve ...` (also `python -m mlx_diffgemma`).
 
 This module only assembles the commands; each lives beside the module it drives
 (`generate.py`, `infill.py`, `convert.py`, `server/app.py`) and is imported only when it runs, so
@@ -25,6 +25,12 @@ COMMANDS = {
         "convert_command",
         "Convert a DiffusionGemma checkpoint to MLX (the vision tower kept when present).",
     ),
+    "lora": (
+        "lora",
+        "lora_command",
+        "Fine-tune with DiffusionGemma's objective (LoRA, DoRA or full).",
+    ),
+    "fuse": ("fuse", "fuse_command", "Fuse an adapter into the model and save it."),
     "serve": (
         "server.app",
         "serve_command",

@@ -14,7 +14,6 @@ expert matrices of at least 512 x 512 (`benchmarks/train_speed.py` measures a to
 """
 
 import mlx.core as mx
-
 from mlx_lm.models.gemma4_text import geglu
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.lora import LoRASwitchLinear
@@ -58,9 +57,13 @@ def per_expert(layer, h: mx.array) -> mx.array:
         y = mx.stack(
             [
                 mx.quantized_matmul(
-                    h[e], layer.weight[e], layer.scales[e],
+                    h[e],
+                    layer.weight[e],
+                    layer.scales[e],
                     None if biases is None else biases[e],
-                    transpose=True, group_size=layer.group_size, bits=layer.bits,
+                    transpose=True,
+                    group_size=layer.group_size,
+                    bits=layer.bits,
                     mode=layer.mode,
                 )
                 for e in range(layer.num_experts)

@@ -18,12 +18,17 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, save_config
 
 from .loader import get_model_path, load_model, read_config
+from .options import passthrough_command
 from .tuner.adapters import check_adapter_weights, fuse_adapters, load_adapters
 from .tuner.init import init_model
 
 _SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-    "chat_template.jinja", "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
 )
 
 
@@ -71,6 +76,9 @@ def main(argv=None) -> None:
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     print(f"Fused model saved to {out}")
+
+
+fuse_command = passthrough_command("fuse", main, "Fuse an adapter into the model and save it.")
 
 
 if __name__ == "__main__":

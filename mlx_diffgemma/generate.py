@@ -29,6 +29,7 @@ from .images import prompt_images, user_message
 from .options import (
     CONTEXT_SETTINGS,
     SAMPLER_FLAGS,
+    adapter_option,
     interrupted,
     model_option,
     one_line,
@@ -615,14 +616,16 @@ def _warn_ineffective(config: DiffusionConfig, given: Dict[str, Any]):
             )
 
 
-def _load_for_generation(model_path: str, max_tokens: Optional[int], given: Dict[str, Any]):
+def _load_for_generation(
+    model_path: str, adapter_path: Optional[str], max_tokens: Optional[int], given: Dict[str, Any]
+):
     """(model, tokenizer, config), or a one-line error."""
     # Imported here: mlx-lm (and the transformers it imports) take seconds to import, and
     # `--help` or a usage error should not wait for them; a Ctrl-C meanwhile is handled.
     from .loader import load
 
     try:
-        model, tokenizer = load(model_path)
+        model, tokenizer = load(model_path, adapter_path=adapter_path)
     except (OSError, ValueError) as e:
         raise click.ClickException(one_line(e)) from None
     settings = {SAMPLER_FLAGS[f]: v for f, v in given.items()}
@@ -636,6 +639,7 @@ def _load_for_generation(model_path: str, max_tokens: Optional[int], given: Dict
 
 @click.command(name="generate", context_settings=CONTEXT_SETTINGS)
 @model_option
+@adapter_option
 @click.option("--prompt", "-p", default=None, help="The user message; - reads it from stdin.")
 @click.option("--system", "--system-prompt", default=None, help="System prompt.")
 @click.option(
@@ -669,6 +673,7 @@ def _load_for_generation(model_path: str, max_tokens: Optional[int], given: Dict
 @click.option("--verbose", "-v", is_flag=True, help="Print statistics to stderr.")
 def generate_command(
     model_path,
+    adapter_path,
     prompt,
     system,
     max_tokens,
@@ -688,7 +693,9 @@ def generate_command(
         prompt = _read_prompt(prompt)
     out = None
     try:
-        model, tokenizer, config = _load_for_generation(model_path, max_tokens, sampler_flags(kw))
+        model, tokenizer, config = _load_for_generation(
+            model_path, adapter_path, max_tokens, sampler_flags(kw)
+        )
         if live and not sys.stdout.isatty():
             click.echo("[WARNING] --live has no effect: stdout is not a terminal.", err=True)
         out = Output(tokenizer, show_thinking, live and sys.stdout.isatty())

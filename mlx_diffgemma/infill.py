@@ -44,6 +44,7 @@ from .generate import GenerationResponse, format_stats, resolve_config, stream_g
 from .options import (
     CONTEXT_SETTINGS,
     SAMPLER_FLAGS,
+    adapter_option,
     interrupted,
     model_option,
     one_line,
@@ -415,12 +416,14 @@ def _read_text(text: Optional[str], path: Optional[str]) -> str:
     return sys.stdin.read() if text == "-" else text
 
 
-def _run_infill(model_path, text, messages, hole_tokens, seed, settings) -> InfillResult:
+def _run_infill(
+    model_path, adapter_path, text, messages, hole_tokens, seed, settings
+) -> InfillResult:
     """Load, parse and fill; every rejected input as a one-line error."""
     from .loader import load  # imported here for a quick --help (see generate.py)
 
     try:
-        model, tokenizer = load(model_path)
+        model, tokenizer = load(model_path, adapter_path=adapter_path)
     except (OSError, ValueError) as e:
         raise click.ClickException(one_line(e)) from None
     try:
@@ -438,6 +441,7 @@ def _run_infill(model_path, text, messages, hole_tokens, seed, settings) -> Infi
 
 @click.command(name="infill", context_settings=CONTEXT_SETTINGS)
 @model_option
+@adapter_option
 @click.option(
     "--text",
     "-t",
@@ -471,7 +475,17 @@ def _run_infill(model_path, text, messages, hole_tokens, seed, settings) -> Infi
 @click.option("--fills", is_flag=True, help="Print only the fills, one per line (as JSON strings).")
 @click.option("--verbose", "-v", is_flag=True, help="Print statistics to stderr.")
 def infill_command(
-    model_path, text, path, instruction, system, hole_tokens, seed, fills, verbose, **sampler
+    model_path,
+    adapter_path,
+    text,
+    path,
+    instruction,
+    system,
+    hole_tokens,
+    seed,
+    fills,
+    verbose,
+    **sampler,
 ):
     """Fill the holes of a text; the text around them is kept byte for byte.
 
@@ -486,7 +500,7 @@ def infill_command(
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": "user", "content": instruction}] if instruction else []
     try:
-        result = _run_infill(model_path, text, messages, hole_tokens, seed, settings)
+        result = _run_infill(model_path, adapter_path, text, messages, hole_tokens, seed, settings)
     except KeyboardInterrupt:
         interrupted()
     if fills:

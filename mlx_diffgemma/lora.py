@@ -22,6 +22,7 @@ import yaml
 from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.utils import save_config
 
+from .options import passthrough_command
 from .tuner import adapters as A
 from .tuner.data import check_lengths, load_dataset
 from .tuner.init import init_model, read_init_config
@@ -87,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("-c", "--config", help="YAML file with these options (and lora_parameters).")
     a("--grad-checkpoint", action="store_true", default=None, help="Recompute layers in backward.")
     a("--seed", type=int, help="PRNG seed (batches, noise, t, canvases, self-conditioning) [0].")
-    a("--self-conditioning-prob", type=float, help="Per-example self-conditioning probability [0.5].")
+    a(
+        "--self-conditioning-prob",
+        type=float,
+        help="Per-example self-conditioning probability [0.5].",
+    )
     a("--encoder-loss-weight", type=float, help="Weight of the encoder's next-token loss [1.0].")
     a("--t-eps", type=float, help="Noise levels t ~ U(t_eps, 1) [1e-4].")
     a("--freeze-router", action="store_true", default=None, help="Do not train the MoE router.")
@@ -158,7 +163,9 @@ def run_training(args, model, tokenizer, data) -> None:
     wire(args, model)
     if args.resume_adapter_file is not None:
         weights = mx.load(args.resume_adapter_file)
-        A.check_adapter_weights(model, weights, args.fine_tune_type == "full", args.resume_adapter_file)
+        A.check_adapter_weights(
+            model, weights, args.fine_tune_type == "full", args.resume_adapter_file
+        )
         model.load_weights(list(weights.items()), strict=False)
     print(A.trainable_summary(model), flush=True)
     out = Path(args.adapter_path)
@@ -168,16 +175,27 @@ def run_training(args, model, tokenizer, data) -> None:
         config["init_config"] = read_init_config(args.init_config)
     save_config(config, out / "adapter_config.json")
     targs = TrainingArgs(
-        batch_size=args.batch_size, iters=args.iters, val_batches=args.val_batches,
-        steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
-        steps_per_save=args.save_every, adapter_file=out / "adapters.safetensors",
+        batch_size=args.batch_size,
+        iters=args.iters,
+        val_batches=args.val_batches,
+        steps_per_report=args.steps_per_report,
+        steps_per_eval=args.steps_per_eval,
+        steps_per_save=args.save_every,
+        adapter_file=out / "adapters.safetensors",
         max_seq_length=args.max_seq_length,
         grad_accumulation_steps=args.grad_accumulation_steps,
     )
     opt = make_optimizer(args.learning_rate, args.iters, args.lr_schedule)
     train(
-        model, data["train"], data["valid"], targs, objective(args), opt,
-        tokenizer.pad_token_id, args.seed, ProgressReport(),
+        model,
+        data["train"],
+        data["valid"],
+        targs,
+        objective(args),
+        opt,
+        tokenizer.pad_token_id,
+        args.seed,
+        ProgressReport(),
     )
 
 
@@ -202,8 +220,14 @@ def run(args) -> None:
         if not data["test"]:
             raise ValueError(f"--test needs {args.data}/test.jsonl with examples.")
         loss, secs = evaluate_loss(
-            model, data["test"], args.batch_size, args.test_batches, objective(args),
-            tokenizer.pad_token_id, args.max_seq_length, args.seed,
+            model,
+            data["test"],
+            args.batch_size,
+            args.test_batches,
+            objective(args),
+            tokenizer.pad_token_id,
+            args.max_seq_length,
+            args.seed,
         )
         print(f"Test loss {loss:.4f}, test ppl {math.exp(min(loss, 50)):.3f} ({secs:.1f}s).")
 
@@ -214,6 +238,11 @@ def main(argv=None) -> None:
         run(parse_args(argv))
     except (OSError, ValueError, KeyError, json.JSONDecodeError, yaml.YAMLError) as e:
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+lora_command = passthrough_command(
+    "lora", main, "Fine-tune with DiffusionGemma's objective (LoRA, DoRA or full)."
+)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,12 @@ model_option = click.option(
     help="Checkpoint folder (converted or transformers layout) or Hugging Face repo id.",
 )
 
+adapter_option = click.option(
+    "--adapter-path",
+    default=None,
+    help="A fine-tuned adapter folder (mlx_diffgemma.lora's or a PEFT LoRA) to apply.",
+)
+
 
 class _Seed(click.IntRange):
     name = "integer"  # "'x' is not a valid integer", not "... a valid integer range"
@@ -111,3 +117,19 @@ def interrupted(code: int = INTERRUPTED):
     # On a terminal, start a line of its own after the echoed ^C.
     click.echo(("\n" if sys.stderr.isatty() else "") + "Interrupted.", err=True)
     raise click.exceptions.Exit(code)
+
+
+def passthrough_command(name: str, main, short_help: str) -> click.Command:
+    """A command that hands every argument (--help included) to `main(argv)`: for the
+    commands that keep mlx-lm's argparse flags (lora, fuse, serve)."""
+
+    @click.command(
+        name=name,
+        help=short_help,
+        context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    )
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args):
+        main(list(args))
+
+    return command

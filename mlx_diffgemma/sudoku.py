@@ -55,6 +55,7 @@ def answer_tokens(cells: int) -> int:
     """Digits and separating spaces of a grid's answer."""
     return 2 * cells - 1
 
+
 # Hand-made puzzles with unique solutions (two per hardness), for runs without a dataset.
 PUZZLES: Tuple[Tuple[str, str], ...] = (
     (
@@ -121,7 +122,7 @@ def givens(puzzle: str) -> int:
 
 
 def hardness(puzzle: str) -> str:
-    """"easy" (>= 40 givens), "medium" (30-39) or "hard" (< 30), as Google's eval bins
+    """ "easy" (>= 40 givens), "medium" (30-39) or "hard" (< 30), as Google's eval bins
     (6x6: the same fractions of 36 cells, 18 and 14)."""
     n, cells = givens(puzzle), len(parse_grid(puzzle))
     return "easy" if n * 81 >= 40 * cells else "medium" if n * 81 >= 30 * cells else "hard"

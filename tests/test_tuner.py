@@ -74,8 +74,10 @@ def test_training_canvas_sees_what_the_sampler_caches():
     model = init_model(small_config(sliding_window=4), seed=2)
     rng = np.random.default_rng(0)
     C = 8
-    examples = [Example([2] + list(rng.integers(4, 15, n)), list(rng.integers(4, 15, 12)), 1)
-                for n in (6, 9)]
+    examples = [
+        Example([2] + list(rng.integers(4, 15, n)), list(rng.integers(4, 15, 12)), 1)
+        for n in (6, 9)
+    ]
     batch = make_batch(examples, C, pad_id=0)
     kvs, _ = encoder_pass(model, batch.tokens)
     start = batch.prompt_len + C  # canvas 1
@@ -108,12 +110,27 @@ def trained(tok_dir, tokenizer, tmp_path_factory):
     setup_full(model, -1)
     out = tmp_path_factory.mktemp("toy_trained")
     args = TrainingArgs(
-        batch_size=16, iters=TRAIN_ITERS, val_batches=0, steps_per_report=100,
-        steps_per_eval=10**6, steps_per_save=10**6, adapter_file=out / "adapters.safetensors",
+        batch_size=16,
+        iters=TRAIN_ITERS,
+        val_batches=0,
+        steps_per_report=100,
+        steps_per_eval=10**6,
+        steps_per_save=10**6,
+        adapter_file=out / "adapters.safetensors",
     )
     report = ProgressReport(print_fn=lambda *a, **k: None)
-    train(model, shift_examples(tokenizer, 2000, 0), [], args, Objective(),
-          make_optimizer(1e-2, TRAIN_ITERS), pad_id=0, seed=0, callback=report, pad_to=8)
+    train(
+        model,
+        shift_examples(tokenizer, 2000, 0),
+        [],
+        args,
+        Objective(),
+        make_optimizer(1e-2, TRAIN_ITERS),
+        pad_id=0,
+        seed=0,
+        callback=report,
+        pad_to=8,
+    )
     folder = toy.save_model(model, config, out / "model", tok_dir / "tokenizer.model")
     for name in ("generation_config.json", "chat_template.jinja"):
         (folder / name).write_text((tok_dir / name).read_text())
@@ -132,8 +149,10 @@ def test_training_from_scratch_reaches_accuracy(trained):
         generate(model, tokenizer, e.prompt, seed=i) == tokenizer.decode(e.answer)
         for i, e in enumerate(tests)
     )
-    print(f"\n[toy] shift 4 digits after {TRAIN_ITERS} steps: exact {hits}/40; "
-          f"loss {history[0]['train_loss']:.3f} -> {history[-1]['train_loss']:.3f}")
+    print(
+        f"\n[toy] shift 4 digits after {TRAIN_ITERS} steps: exact {hits}/40; "
+        f"loss {history[0]['train_loss']:.3f} -> {history[-1]['train_loss']:.3f}"
+    )
     assert hits / len(tests) >= TARGET_ACCURACY
 
 
@@ -160,11 +179,34 @@ def test_lora_cli_adapter_reload_and_fuse(trained, tmp_path):
     (tmp_path / "lora.yaml").write_text(
         "lora_parameters:\n  rank: 4\n  scale: 10.0\n  dropout: 0.0\nseed: 3\n"
     )
-    lora.main(["--model", str(base), "--train", "--data", str(data), "--iters", "12",
-               "--config", str(tmp_path / "lora.yaml"),
-               "--batch-size", "8", "--num-layers", "-1", "--val-batches", "1",
-               "--steps-per-eval", "6", "--adapter-path", str(adapters), "--learning-rate",
-               "1e-2", "--test", "--test-batches", "1"])
+    lora.main(
+        [
+            "--model",
+            str(base),
+            "--train",
+            "--data",
+            str(data),
+            "--iters",
+            "12",
+            "--config",
+            str(tmp_path / "lora.yaml"),
+            "--batch-size",
+            "8",
+            "--num-layers",
+            "-1",
+            "--val-batches",
+            "1",
+            "--steps-per-eval",
+            "6",
+            "--adapter-path",
+            str(adapters),
+            "--learning-rate",
+            "1e-2",
+            "--test",
+            "--test-batches",
+            "1",
+        ]
+    )
     config = json.loads((adapters / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["rank"] == 4
     assert config["lora_parameters"]["scale"] == 10.0 and config["seed"] == 3
@@ -198,8 +240,19 @@ def test_lora_cli_errors(tmp_path, capsys):
         lora.main(["--model", str(tmp_path / "missing"), "--train", "--data", str(tmp_path)])
     assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
     with pytest.raises(SystemExit) as e:
-        lora.main(["--model", str(tmp_path), "--init-config", str(tmp_path / "c.json"),
-                   "--fine-tune-type", "lora", "--train", "--data", str(tmp_path)])
+        lora.main(
+            [
+                "--model",
+                str(tmp_path),
+                "--init-config",
+                str(tmp_path / "c.json"),
+                "--fine-tune-type",
+                "lora",
+                "--train",
+                "--data",
+                str(tmp_path),
+            ]
+        )
     assert "--fine-tune-type full" in str(e.value)
 
 
@@ -213,10 +266,27 @@ def test_from_scratch_cli_and_fuse(tok_dir, tmp_path):
         "\n".join(json.dumps({"text": f"{i:04d}"}) for i in range(16)) + "\n"
     )
     adapters = tmp_path / "run"
-    lora.main(["--model", str(tok_dir), "--init-config", str(tmp_path / "tiny.json"),
-               "--fine-tune-type", "full", "--num-layers", "-1", "--train", "--data",
-               str(data), "--iters", "3", "--batch-size", "4", "--adapter-path",
-               str(adapters)])
+    lora.main(
+        [
+            "--model",
+            str(tok_dir),
+            "--init-config",
+            str(tmp_path / "tiny.json"),
+            "--fine-tune-type",
+            "full",
+            "--num-layers",
+            "-1",
+            "--train",
+            "--data",
+            str(data),
+            "--iters",
+            "3",
+            "--batch-size",
+            "4",
+            "--adapter-path",
+            str(adapters),
+        ]
+    )
     weights = mx.load(str(adapters / "adapters.safetensors"))
     assert "model.decoder.embed_tokens.weight" in weights
     fused = fuse.fuse(tok_dir, adapters, tmp_path / "model")
@@ -241,8 +311,14 @@ def test_sudoku_6x6_layout_and_ar_baseline(tokenizer):
     assert tokenizer.decode(allowed) == "123456"
     model = init_model(small_config(), seed=3)
     fixed = [i if f else None for i, f in zip(lay.ids, lay.fixed)]
-    out = ar_generate(model, S.prompt_ids(tokenizer, puzzle, "toy"), 72, (1,), fixed,
-                      [None if f else allowed for f in lay.fixed])
+    out = ar_generate(
+        model,
+        S.prompt_ids(tokenizer, puzzle, "toy"),
+        72,
+        (1,),
+        fixed,
+        [None if f else allowed for f in lay.fixed],
+    )
     text = tokenizer.decode(out[:71])
     assert [text[2 * i] for i in range(36) if puzzle[i] != "0"] == [c for c in puzzle if c != "0"]
     assert all(text[2 * i] in "123456" for i in range(36)) and out[71] == 1
@@ -268,8 +344,9 @@ def test_shipped_sudoku_toy_solves_offline():
     folder = Path(__file__).resolve().parents[1] / "examples" / "sudoku_toy"
     model, tokenizer = load(folder)
     puzzle, solution = S.load_puzzles(folder / "test.csv", limit=1)[0]
-    text, last = S.solve(model, tokenizer, puzzle, style="toy", digits_only=True, seed=0,
-                         max_denoising_steps=4)
+    text, last = S.solve(
+        model, tokenizer, puzzle, style="toy", digits_only=True, seed=0, max_denoising_steps=4
+    )
     score = S.score(text, puzzle, solution)
     assert score.givens_exact == 1.0 and S.extract(text, 36) is not None
     assert last.finish_reason == "stop"

@@ -63,9 +63,13 @@ def _encode(hf, ids, cache):
     n = ids.shape[1]
     pos = torch.arange(n, dtype=torch.int32)[None]
     enc_ids, masks = hf._prepare_encoder_inputs(
-        input_ids=ids, attention_mask=torch.ones((1, n), dtype=torch.bool),
-        encoder_position_ids=pos, cache=cache, is_prefill=True,
-        canvas_length=hf.config.canvas_length, batch_size=1,
+        input_ids=ids,
+        attention_mask=torch.ones((1, n), dtype=torch.bool),
+        encoder_position_ids=pos,
+        cache=cache,
+        is_prefill=True,
+        canvas_length=hf.config.canvas_length,
+        batch_size=1,
     )
     return hf.model.encoder(input_ids=enc_ids, attention_mask=masks, cache=cache, position_ids=pos)
 
@@ -73,13 +77,18 @@ def _encode(hf, ids, cache):
 def _decode(hf, canvas, cache, start, sc_logits=None, sc_mask=None):
     C = canvas.shape[1]
     masks = hf.model.decoder.create_diffusion_decoder_attention_mask(
-        config=hf.config, inputs_embeds=canvas.unsqueeze(-1), cache=cache,
+        config=hf.config,
+        inputs_embeds=canvas.unsqueeze(-1),
+        cache=cache,
         decoder_attention_mask=torch.ones((1, start + C), dtype=torch.bool),
     )
     return hf(
-        decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks,
+        decoder_input_ids=canvas,
+        cache=cache,
+        decoder_attention_mask=masks,
         decoder_position_ids=torch.arange(start, start + C)[None],
-        self_conditioning_logits=sc_logits, self_conditioning_mask=sc_mask,
+        self_conditioning_logits=sc_logits,
+        self_conditioning_mask=sc_mask,
     ).logits
 
 
@@ -166,9 +175,7 @@ def test_peft_adapter_matches_transformers_with_peft(tmp_path):
         r"|mlp\.(gate_proj|up_proj|down_proj)|router\.proj)"
         r"|.*self_conditioning\.(gate_proj|up_proj|down_proj)"
     )
-    peft_model = peft.get_peft_model(
-        hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
-    )
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     modules = dict(peft_model.named_modules())
     torch.manual_seed(0)
     with torch.no_grad():
@@ -195,7 +202,9 @@ def test_peft_adapter_matches_transformers_with_peft(tmp_path):
     got = np.array(ours.denoise(mx.array(canvas), cache))
     plain = HFDenoiser(load_hf(path), prompt).denoise(canvas)
     err = float(np.abs(got - ref).max())
-    print(f"\n[peft] max|dlogit| vs transformers+peft {err:.1e} (adapter moves logits by "
-          f"{np.abs(ref - plain).max():.1f})")
+    print(
+        f"\n[peft] max|dlogit| vs transformers+peft {err:.1e} (adapter moves logits by "
+        f"{np.abs(ref - plain).max():.1f})"
+    )
     assert np.abs(ref - plain).max() > 0.1
     assert err < 5e-3  # fp32 rounding on logits up to 30 (the plain forward: ~1e-3)

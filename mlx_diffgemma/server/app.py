@@ -14,8 +14,7 @@ import sys
 import time
 from typing import List, Optional
 
-import click
-
+from ..options import passthrough_command
 from .formats import AnthropicMessages, OpenAIChat, OpenAICompletion, sse
 from .protocol import RequestError, parse_chat, parse_completion, parse_json, parse_messages
 from .worker import Job, Worker
@@ -227,12 +226,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
 
 
-@click.command(
-    name="serve",
-    # Every argument goes to `main`'s own parser, --help included.
-    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+serve_command = passthrough_command(
+    "serve", main, "Serve the model over OpenAI- and Anthropic-compatible HTTP APIs."
 )
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def serve_command(args):
-    """Serve the model over OpenAI- and Anthropic-compatible HTTP APIs."""
-    main(list(args))

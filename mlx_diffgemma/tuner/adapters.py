@@ -100,7 +100,9 @@ def apply_adapter_config(model, config: Dict) -> None:
     if kind == "full":
         return
     if kind not in ("lora", "dora"):
-        raise ValueError(f"fine_tune_type {kind!r} in adapter_config.json is not lora, dora or full.")
+        raise ValueError(
+            f"fine_tune_type {kind!r} in adapter_config.json is not lora, dora or full."
+        )
     params = dict(config["lora_parameters"])
     params.setdefault("dropout", 0.0)
     if params.get("keys") is None:
@@ -134,7 +136,9 @@ def load_adapters(model, adapter_path) -> None:
 
 def fuse_adapters(model, dequantize: bool = False) -> None:
     """Fold every LoRA/DoRA layer into its base layer (mlx-lm's `fuse`)."""
-    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    fused = [
+        (n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")
+    ]
     if fused:
         model.update_modules(tree_unflatten(fused))
 

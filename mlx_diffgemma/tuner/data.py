@@ -90,7 +90,8 @@ def load_dataset(data_dir, tokenizer, names=("train", "valid", "test")):
             f"--data {data_dir} is not a folder; pass one with train/valid/test.jsonl."
         )
     return {
-        n: load_jsonl(data_dir / f"{n}.jsonl", tokenizer) if (data_dir / f"{n}.jsonl").exists()
+        n: load_jsonl(data_dir / f"{n}.jsonl", tokenizer)
+        if (data_dir / f"{n}.jsonl").exists()
         else []
         for n in names
     }
@@ -147,7 +148,9 @@ class BatchIterator:
                 f"The dataset has {len(dataset)} examples, fewer than --batch-size {batch_size}."
             )
         order = sorted(range(len(dataset)), key=lambda i: example_length(dataset[i], self.C))
-        batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        batches = [
+            order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)
+        ]
         rng = np.random.default_rng(self.seed if seed is None else seed)
         key = mx.random.key(self.seed + (0 if loop else 1))
         while True:

@@ -70,9 +70,7 @@ class Objective:
                 f"self_conditioning_prob must be in [0, 1] (got {self.self_conditioning_prob})."
             )
         if self.encoder_loss_weight < 0:
-            raise ValueError(
-                f"encoder_loss_weight must be >= 0 (got {self.encoder_loss_weight})."
-            )
+            raise ValueError(f"encoder_loss_weight must be >= 0 (got {self.encoder_loss_weight}).")
         if not 0.0 <= self.t_eps < 1.0:
             raise ValueError(f"t_eps must be in [0, 1) (got {self.t_eps}).")
 

@@ -29,8 +29,14 @@ def build_char_tokenizer(folder, alphabet: str) -> Path:
         model_prefix=str(folder / "tokenizer"),
         model_type="char",
         vocab_size=len(chars) + 5,  # specials + the space piece
-        pad_id=PAD, eos_id=EOS, bos_id=BOS, unk_id=UNK,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        pad_id=PAD,
+        eos_id=EOS,
+        bos_id=BOS,
+        unk_id=UNK,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
@@ -101,8 +107,13 @@ def write_generation_config(folder, max_new_tokens: int, max_denoising_steps: in
     (Path(folder) / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def save_model(model, config: dict, folder, tokenizer_from: Optional[Path] = None,
-               dtype: Optional[mx.Dtype] = None) -> Path:
+def save_model(
+    model,
+    config: dict,
+    folder,
+    tokenizer_from: Optional[Path] = None,
+    dtype: Optional[mx.Dtype] = None,
+) -> Path:
     """Write a checkpoint folder (config.json + model.safetensors [+ tokenizer.model])."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

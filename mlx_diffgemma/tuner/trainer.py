@@ -108,7 +108,9 @@ def train(
     )
 
 
-def evaluate_loss(model, examples, batch_size, num_batches, objective, pad_id, max_seq_length, seed=0):
+def evaluate_loss(
+    model, examples, batch_size, num_batches, objective, pad_id, max_seq_length, seed=0
+):
     """Mean objective over `examples` with fixed draws (mlx-lm's `evaluate`)."""
     tic = time.perf_counter()
     loss = evaluate(
