@@ -293,7 +293,7 @@ def test_ctrl_c_while_importing(monkeypatch):
 
 
 def test_ctrl_c_while_loading(tiny_checkpoint, monkeypatch):
-    def interrupted(path):
+    def interrupted(path, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("mlx_diffgemma.loader.load", interrupted)
@@ -301,3 +301,11 @@ def test_ctrl_c_while_loading(tiny_checkpoint, monkeypatch):
     assert result.exit_code == 130 and result.stderr == "Interrupted.\n"
     result = CliRunner().invoke(generate_command, ["--model", str(tiny_checkpoint), "--chat"])
     assert result.exit_code == 130 and result.stderr == "Interrupted.\n"
+
+
+def test_missing_adapter_folder_is_one_line(tiny_checkpoint, tmp_path):
+    missing = tmp_path / "no_adapter"
+    args = ["generate", "--model", str(tiny_checkpoint), "--adapter-path", str(missing)]
+    result = CliRunner().invoke(cli, args + ["-p", SKY])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr == f"Error: No adapter_config.json in adapter path {missing}.\n"

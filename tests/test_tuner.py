@@ -232,6 +232,22 @@ def test_lora_cli_adapter_reload_and_fuse(trained, tmp_path):
     load_adapters(model, str(adapters))
     assert float(mx.abs(_logits(model, prompt, canvas) - adapted).max()) == 0.0
 
+    # The generate command applies it as `load(..., adapter_path=)` does.
+    from click.testing import CliRunner
+
+    from mlx_diffgemma import generate, load
+    from mlx_diffgemma.cli import cli
+
+    args = ["generate", "--model", str(base), "-p", "4213", "--seed", "0", "-m", "8"]
+    kw = dict(seed=0, max_tokens=8, enable_thinking=False)
+    messages = [{"role": "user", "content": "4213"}]
+    for adapter in (None, str(adapters)):
+        extra = ["--adapter-path", adapter] if adapter else []
+        result = CliRunner().invoke(cli, args + extra)
+        assert result.exit_code == 0, result.output
+        model, tok = load(base, adapter_path=adapter)
+        assert result.stdout == generate(model, tok, messages, **kw) + "\n"
+
 
 def test_lora_cli_errors(tmp_path, capsys):
     from mlx_diffgemma import lora
