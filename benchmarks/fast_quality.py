@@ -79,8 +79,10 @@ def evaluate(path: Path, a):
         kind = f"Sudoku, {len(puzzles)} puzzles of {path / 'test.csv'}"
     else:
         V = model.args.vocab_size
-        prompts = [[2] + [(7919 * i + 13 * b) % (V - 1000) + 1000 for i in range(15)]
-                   for b in range(a.limit)]
+        prompts = [
+            [2] + [(7919 * i + 13 * b) % (V - 1000) + 1000 for i in range(15)]
+            for b in range(a.limit)
+        ]
         puzzles = None
         kind = f"agreement with exact mode, {a.limit} prompts (random model: not a quality)"
     print(f"\n## {path}: {kind}, steps {a.steps}, seed {a.seed}")
