@@ -41,7 +41,7 @@ from peers import run_peer_subprocess  # noqa: E402
 from shape_checkpoint import build  # noqa: E402
 
 MLX_VLM_SOURCE_SYNCS = "1-2 (source)"
-_OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=False)
+_OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=False, canvas_shrink=0)
 FAST_VARIANTS = {
     "fast": {"mode": "fast"},
     "fast+confidence": {"mode": "fast", "commit_rule": "confidence"},
@@ -49,6 +49,7 @@ FAST_VARIANTS = {
     "sc_top_k": {**_OFF, "self_conditioning_top_k": 64},
     "monotone": {**_OFF, "monotone_commit": True},
     "confidence": {**_OFF, "commit_rule": "confidence"},
+    "canvas_shrink": {**_OFF, "canvas_shrink": 64},
 }
 FAST_RUNTIMES = ",".join(
     ["mlx_diffgemma"]

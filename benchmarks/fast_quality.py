@@ -28,13 +28,14 @@ from mlx_diffgemma import load  # noqa: E402
 from mlx_diffgemma.block_diffusion import Block, generate_step  # noqa: E402
 from mlx_diffgemma.generate import resolve_config  # noqa: E402
 
-OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=False)
+OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=False, canvas_shrink=0)
 SETTINGS = {
     "exact": {},
     "top_k=64": {**OFF, "top_k": 64},
     "self_conditioning_top_k=64": {**OFF, "self_conditioning_top_k": 64},
     "monotone_commit": {**OFF, "monotone_commit": True},
     "commit_rule=confidence": {**OFF, "commit_rule": "confidence"},
+    "canvas_shrink=64": {**OFF, "canvas_shrink": 64},
     "fast (default)": {"mode": "fast"},
     "fast + confidence": {"mode": "fast", "commit_rule": "confidence"},
 }

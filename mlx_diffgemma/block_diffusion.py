@@ -185,10 +185,19 @@ def generate_step(
     loop = _Loop(model, config, draws, accept or S.make_accept(config), prompt.shape[0])
     prefill(model, prompt, cache, prefill_step_size)
     for block in range(math.ceil(config.max_new_tokens / C)):
-        plan = CanvasPlan.free(C) if layout is None else layout.plan(block, C)
+        plan = (
+            CanvasPlan.free(_length(config, block, C)) if layout is None else layout.plan(block, C)
+        )
         yield (yield from loop.canvas(block, plan, cache, drafts))
         if loop.ended:
             break
+
+
+def _length(config: DiffusionConfig, block: int, C: int) -> int:
+    """Canvas `block`'s length: C, or with fast mode's canvas_shrink the tokens left."""
+    if not config.canvas_shrink:
+        return C
+    return min(C, max(config.canvas_shrink, config.max_new_tokens - block * C))
 
 
 class _Loop:

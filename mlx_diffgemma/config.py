@@ -20,6 +20,7 @@ FAST_SETTINGS = {
     "commit_rule": ("entropy_bound", "entropy_bound"),
     "commit_threshold": (0.9, 0.9),
     "monotone_commit": (False, True),
+    "canvas_shrink": (0, 64),
 }
 
 
@@ -60,6 +61,10 @@ class DiffusionConfig:
         commit_threshold: the "confidence" rule's threshold, in (0, 1]. Default 0.9.
         monotone_commit: fast mode: an accepted position is fixed for the rest of the
             canvas (changes semantics: transformers' sampler may revise it). Fast value True.
+        canvas_shrink: fast mode: with no layout, a canvas that would run past
+            max_new_tokens has max(canvas_shrink, tokens left) positions instead of the
+            model's canvas_length (mlx-vlm's default; changes semantics: the model sees a
+            shorter canvas); 0: off. Fast value 64.
     """
 
     max_new_tokens: int = 256
@@ -77,6 +82,7 @@ class DiffusionConfig:
     commit_rule: Optional[str] = None
     commit_threshold: Optional[float] = None
     monotone_commit: Optional[bool] = None
+    canvas_shrink: Optional[int] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -120,10 +126,10 @@ class DiffusionConfig:
         def fail(name, rule):
             raise ValueError(f"{name} must be {rule} (got {getattr(self, name)!r}).")
 
-        for name in ("top_k", "self_conditioning_top_k"):
+        for name in ("top_k", "self_conditioning_top_k", "canvas_shrink"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                fail(name, "an integer >= 0 (0: the whole vocabulary)")
+                fail(name, "an integer >= 0 (0: off)")
         if self.commit_rule not in COMMIT_RULES:
             fail("commit_rule", "one of " + ", ".join(COMMIT_RULES))
         v = self.commit_threshold

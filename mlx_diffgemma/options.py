@@ -31,6 +31,7 @@ SAMPLER_FLAGS = {
     "--commit-rule": "commit_rule",
     "--commit-threshold": "commit_threshold",
     "--monotone-commit": "monotone_commit",
+    "--canvas-shrink": "canvas_shrink",
 }
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
@@ -101,7 +102,7 @@ def sampler_options(command):
             type=click.Choice(["exact", "fast"]),
             default=None,
             help="exact: transformers' sampler; fast: an approximation (the settings below "
-            "default to top-k 64, gathered self-conditioning, monotone commit).  "
+            "default to top-k 64, gathered self-conditioning, monotone commit, canvas shrink 64).  "
             "[default: exact]",
         ),
         click.option(
@@ -132,6 +133,13 @@ def sampler_options(command):
             "--monotone-commit/--no-monotone-commit",
             default=None,
             help="Fast mode: accepted tokens stay fixed for the rest of the canvas.",
+        ),
+        click.option(
+            "--canvas-shrink",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Fast mode: a last canvas past --max-tokens has max(N, tokens left) "
+            "positions (0: off).",
         ),
     ]
     for option in reversed(options):

@@ -157,6 +157,7 @@ def test_fast_mode_end_to_end(tiny):
         top_k=0,
         self_conditioning_top_k=0,
         monotone_commit=False,
+        canvas_shrink=0,
         max_tokens=16,
     )
     assert alone == generate(model, tok, "Hi", seed=0, max_tokens=16)  # every setting off
@@ -171,3 +172,14 @@ def test_fast_mode_end_to_end(tiny):
         if isinstance(e, Block)
     ]
     assert blocks and blocks[0].tokens.shape == (2, model.args.canvas_length)
+
+
+def test_canvas_shrink_cuts_the_last_canvas_to_the_tokens_left():
+    model = random_tiny_model()
+    cfg = DiffusionConfig(max_new_tokens=11, max_denoising_steps=2, mode="fast", canvas_shrink=2)
+    blocks = generate_step(mx.array([[2, 9]]), model, config=cfg, key=mx.random.key(0))
+    assert [b.tokens.shape[1] for b in blocks] == [8, 3]
+    blocks = generate_step(
+        mx.array([[2, 9]]), model, config=cfg.replace(canvas_shrink=5), key=mx.random.key(0)
+    )
+    assert [b.tokens.shape[1] for b in blocks] == [8, 5]
