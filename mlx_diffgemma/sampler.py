@@ -197,11 +197,18 @@ def commit(state: StepState, accepted: mx.array) -> StepState:
     """Monotone commit (fast mode): accepted positions become fixed at their sample.
 
     Later steps keep them (zero entropy, never renoised), so, unlike transformers'
-    sampler, a token once accepted is never revised. Rows that stopped are unchanged.
+    sampler, a token once accepted is never revised. Rows that stopped are unchanged; a
+    row whose every position is decided stops now (as mlx-vlm's confidence sampler does),
+    instead of one step later by the stability test.
     """
     accepted = accepted & ~state.done[:, None]
     fixed = state.fixed | accepted
-    return state._replace(fixed=fixed, fixed_ids=mx.where(accepted, state.canvas, state.fixed_ids))
+    ids = mx.where(accepted, state.canvas, state.fixed_ids)
+    # The draft shows the committed samples from now on (the stop test compares it).
+    argmax = mx.where(accepted, state.canvas, state.argmax)
+    history = state.history[:-1] + (argmax,) if state.history else state.history
+    done = state.done | mx.all(fixed, axis=-1)
+    return state._replace(argmax=argmax, history=history, done=done, fixed=fixed, fixed_ids=ids)
 
 
 def step_update(

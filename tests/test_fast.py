@@ -122,10 +122,9 @@ def test_monotone_commit_never_revises_an_accepted_token():
     model = random_tiny_model()
     cfg = DiffusionConfig(
         max_new_tokens=8,
-        max_denoising_steps=6,
+        max_denoising_steps=10,
         mode="fast",
         entropy_bound=2.0,
-        stability_threshold=0,
     )
     drafts = [
         e
@@ -137,11 +136,14 @@ def test_monotone_commit_never_revises_an_accepted_token():
     kept = mx.zeros((1, 8), dtype=mx.bool_)
     value = mx.zeros((1, 8), dtype=mx.int32)
     for d in drafts:  # a token accepted (its sample) is the draft and input from then on
+        kept = kept | d.accepted
+        value = mx.where(d.accepted, d.canvas, value)
         for later in (d.argmax, d.canvas):
             assert mx.array_equal(mx.where(kept, later, 0), mx.where(kept, value, 0))
-        value = mx.where(kept, value, d.canvas)
-        kept = kept | d.accepted
     assert kept.any()
+    # A canvas stops at once when its every position is committed (not a step later).
+    assert len(drafts) < cfg.max_denoising_steps and drafts[-1].accepted.all()
+    assert not any(d.accepted.all() for d in drafts[:-1])
 
 
 def test_fast_mode_end_to_end(tiny):
