@@ -70,6 +70,20 @@ def sudoku_metric(tokenizer, tokens, puzzles):
     return {"solved": solved / len(puzzles), "cells": cells / len(puzzles)}
 
 
+def settings(k: int):
+    """SETTINGS with `k` for the two top-k settings (e.g. below a toy's vocabulary)."""
+    out = {}
+    for name, kw in SETTINGS.items():
+        kw = dict(kw)
+        for key in ("top_k", "self_conditioning_top_k"):
+            if kw.get(key):
+                kw[key] = k
+        if kw.get("mode") == "fast" and len(kw) <= 2:  # the fast presets
+            kw.update(top_k=k, self_conditioning_top_k=k)
+        out[name.replace("top_k=64", f"top_k={k}")] = kw
+    return out
+
+
 def evaluate(path: Path, a):
     model, tokenizer = load(path)
     test = path / "test.csv"
@@ -86,10 +100,10 @@ def evaluate(path: Path, a):
         ]
         puzzles = None
         kind = f"agreement with exact mode, {a.limit} prompts (random model: not a quality)"
-    print(f"\n## {path}: {kind}, steps {a.steps}, seed {a.seed}")
+    print(f"\n## {path}: {kind}, steps {a.steps or 'of the checkpoint'}, seed {a.seed}, k {a.k}")
     print(f"{'setting':28} {'metric':34} {'fwd/canvas':>10} {'wall s':>7}")
     reference = None
-    for name, kw in SETTINGS.items():
+    for name, kw in settings(a.k).items():
         config = resolve_config(model, max_denoising_steps=a.steps, **kw)
         if puzzles is None:
             config = config.replace(eos_token_id=())
@@ -111,6 +125,7 @@ def main():
     p.add_argument("--limit", type=int, default=100, help="puzzles (or prompts) per model")
     p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=64, help="k of top_k and self_conditioning_top_k")
     a = p.parse_args()
     for path in a.model:
         evaluate(path, a)
