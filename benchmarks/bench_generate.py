@@ -1,6 +1,14 @@
 """Generation benchmark: this port, mlx-vlm and transformers side by side on one checkpoint.
 
     python benchmarks/bench_generate.py --config shape --steps 3 --max-new-tokens 512 --repeats 2
+    python benchmarks/bench_generate.py --fast --steps 3 --max-new-tokens 512 --repeats 2
+
+`--fast` compares exact mode, fast mode, each fast-mode approximation alone and mlx-vlm's
+default (confidence threshold at temperature 0, canvas shrink) with mlx-vlm entropy-bound.
+A runtime "mlx_diffgemma:NAME" is this port with the settings FAST_VARIANTS[NAME];
+"mlx_vlm:default" is mlx-vlm's own default sampler. On a random checkpoint no canvas stops
+early, so these rows compare the cost of a step; the step counts that fast mode saves on a
+trained model are measured by benchmarks/fast_quality.py.
 
 Every run is a fresh subprocess (load, one warm-up generation of the same shapes, then the
 timed one) with the same prompt ids, canvas count, step count and seed; runs alternate between
@@ -33,6 +41,50 @@ from peers import run_peer_subprocess  # noqa: E402
 from shape_checkpoint import build  # noqa: E402
 
 MLX_VLM_SOURCE_SYNCS = "1-2 (source)"
+_OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=False, canvas_shrink=0)
+FAST_VARIANTS = {
+    "fast": {"mode": "fast"},
+    "fast+confidence": {"mode": "fast", "commit_rule": "confidence"},
+    "top_k": {**_OFF, "top_k": 64},
+    "sc_top_k": {**_OFF, "self_conditioning_top_k": 64},
+    "monotone": {**_OFF, "monotone_commit": True},
+    "confidence": {**_OFF, "commit_rule": "confidence"},
+    "canvas_shrink": {**_OFF, "canvas_shrink": 64},
+}
+FAST_RUNTIMES = ",".join(
+    ["mlx_diffgemma"]
+    + [f"mlx_diffgemma:{v}" for v in FAST_VARIANTS]
+    + ["mlx_vlm:default", "mlx_vlm"]
+)
+
+
+def vocab_passes(settings) -> int:
+    """Passes over the (C, V) logits per step besides the LM head itself (from the code).
+
+    Exact: the softmax pass (cap, temperature, exp, entropy, sample) and the (C, V) @ (V, H)
+    self-conditioning product. top_k replaces the softmax pass by a block-max pass; without
+    self_conditioning_top_k it still needs the full softmax for the conditioning.
+    self_conditioning_top_k replaces the product by a pass that finds the top k.
+    """
+    top_k = settings.get("top_k", 64 if settings.get("mode") == "fast" else 0)
+    sc = settings.get("self_conditioning_top_k", 64 if settings.get("mode") == "fast" else 0)
+    if top_k:
+        return 1 + (0 if sc else 2)
+    return 2
+
+
+def runner_args(rt):
+    """(runner, label, extra keyword arguments) of a runtime name."""
+    base, _, variant = rt.partition(":")
+    if base == "mlx_diffgemma" and variant:
+        if variant not in FAST_VARIANTS:
+            raise SystemExit(f"Unknown variant {variant!r}; one of {', '.join(FAST_VARIANTS)}.")
+        return base, rt, {"fast_settings": FAST_VARIANTS[variant]}
+    if base == "mlx_vlm" and variant == "default":
+        return base, rt, {"diffusion_sampler": "confidence-threshold"}
+    if variant:
+        raise SystemExit(f"Unknown runtime {rt!r}.")
+    return base, rt, {}
 
 
 def default_checkpoint(kind: str) -> Path:
@@ -40,14 +92,14 @@ def default_checkpoint(kind: str) -> Path:
     return root / "bench" / kind
 
 
-def row(r, canvas_length):
+def row(r, canvas_length, label):
     steps = r["total_denoising_steps"]
     gen = r["generate_s"]
     enc = r.get("encode_s_per_canvas") or []
     enc = [e for e in enc[1:]]  # the first canvas has nothing to re-encode
     syncs = r.get("host_syncs_per_step")  # plus one per re-encoded canvas
     return {
-        "runtime": r["peer"],
+        "runtime": label,
         "prompt": r["prompt_tokens"],
         "canvases": r["num_canvases"],
         "steps/canvas": "/".join(map(str, r["steps_per_canvas"])),
@@ -60,6 +112,8 @@ def row(r, canvas_length):
         "syncs/step": f"{syncs:.2f}"
         if syncs is not None
         else (MLX_VLM_SOURCE_SYNCS if r["peer"] == "mlx-vlm" else "n/a"),
+        "forwards": r.get("forwards", steps),
+        "V passes/step": r.get("vocab_passes", "-"),
     }
 
 
@@ -84,6 +138,7 @@ def main():
     p.add_argument("--checkpoint", type=Path, help="HF-layout folder; default: build --config")
     p.add_argument("--config", choices=["shape", "tiny"], default="shape")
     p.add_argument("--runtimes", default="mlx_diffgemma,mlx_vlm,transformers")
+    p.add_argument("--fast", action="store_true", help=f"--runtimes {FAST_RUNTIMES}")
     p.add_argument("--mlx-vlm-python", default=os.environ.get("MLX_VLM_PYTHON", sys.executable))
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -110,7 +165,7 @@ def main():
         eos_token_ids=[],  # random weights: run every canvas in every runtime
         warmup=True,
     )
-    runtimes = a.runtimes.split(",")
+    runtimes = (FAST_RUNTIMES if a.fast else a.runtimes).split(",")
     python = {"mlx_vlm": a.mlx_vlm_python}
     print(
         f"[INFO] {path.name}: hidden {config['text_config']['hidden_size']}, vocab {vocab}, "
@@ -124,17 +179,21 @@ def main():
     for rep in range(a.repeats):
         for rt in runtimes:  # alternate, so drift on a shared machine hits all runtimes alike
             tic = time.perf_counter()
+            runner, label, extra = runner_args(rt)
             r = run_peer_subprocess(
-                rt,
-                python.get(rt, sys.executable),
+                runner,
+                python.get(runner, sys.executable),
                 path,
                 prompt,
                 openblas=not a.no_openblas,
                 **settings,
+                **extra,
             )
+            if runner == "mlx_diffgemma":
+                r["vocab_passes"] = vocab_passes(extra.get("fast_settings", {}))
             r["prompt_tokens"] = len(prompt)
             results[rt].append(r)
-            rows.append(row(r, canvas))
+            rows.append(row(r, canvas, label))
             print(
                 f"[INFO] run {rep + 1}/{a.repeats} {rt}: {time.perf_counter() - tic:.0f} s wall",
                 flush=True,
@@ -146,12 +205,10 @@ def main():
         rt: statistics.median(x["num_generated_tokens"] / x["generate_s"] for x in results[rt])
         for rt in runtimes
     }
-    ours = "mlx_diffgemma"
-    for rt in runtimes:
-        if rt != ours and ours in tps:
-            print(
-                f"mlx_diffgemma / {rt}: {tps[ours] / tps[rt]:.2f}x tokens/s (median of {a.repeats})"
-            )
+    for ours in [rt for rt in runtimes if rt.startswith("mlx_diffgemma")]:
+        for rt in runtimes:
+            if rt != ours and (ours == "mlx_diffgemma" or not rt.startswith("mlx_diffgemma:")):
+                print(f"{ours} / {rt}: {tps[ours] / tps[rt]:.2f}x tokens/s (median of {a.repeats})")
     if a.json:
         a.json.write_text(
             json.dumps(

@@ -221,8 +221,13 @@ def run_mlx_vlm(
     eos_token_ids: Optional[Sequence[int]] = None,
     dtype: Optional[str] = None,
     warmup: bool = False,
+    diffusion_sampler: str = "entropy-bound",
 ) -> Dict[str, Any]:
     """Generate with mlx-vlm (>= 0.6.3; checked on 0.7.10), set up to run HF's algorithm.
+
+    With ``diffusion_sampler="confidence-threshold"`` it runs mlx-vlm's own default instead:
+    the confidence-threshold sampler at temperature 0 with its canvas shrink (the call's
+    ``temperature`` and ``diffusion_full_canvas`` left at mlx-vlm's defaults).
 
     The call is ``mlx_vlm.stream_generate(model, proc, "", input_ids=..., max_tokens=...,
     max_denoising_steps=..., seed=..., temperature=1.0, diffusion_sampler="entropy-bound",
@@ -310,9 +315,15 @@ def run_mlx_vlm(
             max_tokens=int(n_tokens),
             max_denoising_steps=int(n_steps),
             seed=int(gen_seed),
-            temperature=1.0,  # 0.0 (the default) would replace the multinomial draw with argmax
-            diffusion_sampler="entropy-bound",  # the default is "confidence-threshold"
-            diffusion_full_canvas=True,  # otherwise short tails shrink the canvas (minimum 64)
+            **(
+                {}  # mlx-vlm's defaults: temperature 0, confidence threshold, canvas shrink
+                if diffusion_sampler == "confidence-threshold"
+                else dict(
+                    temperature=1.0,  # 0.0 (the default) replaces the multinomial draw by argmax
+                    diffusion_sampler="entropy-bound",  # the default is "confidence-threshold"
+                    diffusion_full_canvas=True,  # else short tails shrink the canvas (min 64)
+                )
+            ),
         )
 
     if warmup:  # same shapes, 2 canvases x 2 steps: first-call and compile costs leave the timing
@@ -522,12 +533,14 @@ def run_mlx_diffgemma(
     eos_token_ids: Optional[Sequence[int]] = None,
     dtype: Optional[str] = None,
     warmup: bool = False,
+    fast_settings: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Generate with this project's token-level loop (`mlx_diffgemma.block_diffusion.generate_step`).
 
     It runs transformers' algorithm exactly (the parity tests replay transformers' draws), so
-    only the RNG stream differs from the other runners. Extra keys: per-canvas encode and
-    denoise seconds and host syncs, as the loop measures them.
+    only the RNG stream differs from the other runners; `fast_settings` (e.g.
+    {"mode": "fast"}) switches to fast mode, an approximation. Extra keys: per-canvas encode
+    and denoise seconds and host syncs, as the loop measures them.
     """
     try:
         import mlx.core as mx
@@ -553,6 +566,7 @@ def run_mlx_diffgemma(
         stability_threshold=int(stability_threshold),
         confidence_threshold=float(confidence_threshold),
         eos_token_id=tuple(eos),
+        **(fast_settings or {}),
     )
     prompt = mx.array([list(int(t) for t in prompt_ids)], dtype=mx.int32)
 
@@ -600,6 +614,7 @@ def run_mlx_diffgemma(
     res["ms_per_step"] = 1000 * sum(b.denoise_seconds for b in blocks) / steps
     res["host_syncs_per_step"] = blocks[-1].step_syncs / steps
     res["host_syncs_per_encode"] = blocks[-1].encode_syncs / max(1, len(blocks) - 1)
+    res["forwards"] = int(blocks[-1].decoder_forwards[0].item())
     return res
 
 

@@ -3,7 +3,9 @@
 1. a. encode the prompt (then each appended canvas) into the cache;
    b. start a canvas from uniform random ids (fixed and seeded ids from a `CanvasLayout`);
    c. per denoising step: denoise, temperature, sample, argmax, accept (entropy bound by
-      default), renoise the rest, stable-and-confident stop;
+      default), renoise the rest, stable-and-confident stop (fast mode: on each
+      position's top k tokens, gathered self-conditioning, monotone commit; see
+      `DiffusionConfig`);
    d. append the argmax canvas; e. pad after EOS and stop when every row has ended.
 
 The work runs on a stream of its own (as mlx-lm's `generation_stream`), one per thread
@@ -22,6 +24,7 @@ from typing import Any, Generator, List, Optional, Tuple, Union
 import mlx.core as mx
 
 from . import sampler as S
+from . import topk as T
 from .canvas import CanvasLayout, CanvasPlan, check_token_ids
 from .config import DiffusionConfig
 
@@ -84,17 +87,23 @@ def _cpu_lanes(stream):
     return [stream] + _lane_streams[: n - 1] if n > 1 else None
 
 
-def _stats(logits, temp, cap, allowed, lanes):
+def _stats(logits, temp, cap, allowed, lanes, fn=_step_stats):
+    """`fn(logits, temp, cap, allowed)` (a stats function), rows split over `lanes`."""
     C = logits.shape[1]
     if lanes is None or C < len(lanes):
-        return _step_stats(logits, temp, cap, allowed)
+        return fn(logits, temp, cap, allowed)
     cuts = [C * i // len(lanes) for i in range(len(lanes) + 1)]
     parts = []
     for stream, a, b in zip(lanes, cuts, cuts[1:]):
         with mx.stream(stream):
             part = None if allowed is None else allowed[:, a:b]
-            parts.append(_step_stats(logits[:, a:b], temp, cap, part))
+            parts.append(fn(logits[:, a:b], temp, cap, part))
     return [mx.concatenate(p, axis=1) for p in zip(*parts)]
+
+
+@functools.lru_cache(maxsize=8)
+def _top_k_stats(k: int):
+    return functools.partial(T.top_k_stats, k=k)
 
 
 def _compile_update(accept: S.Accept, confidence_threshold: float):
@@ -176,10 +185,19 @@ def generate_step(
     loop = _Loop(model, config, draws, accept or S.make_accept(config), prompt.shape[0])
     prefill(model, prompt, cache, prefill_step_size)
     for block in range(math.ceil(config.max_new_tokens / C)):
-        plan = CanvasPlan.free(C) if layout is None else layout.plan(block, C)
+        plan = (
+            CanvasPlan.free(_length(config, block, C)) if layout is None else layout.plan(block, C)
+        )
         yield (yield from loop.canvas(block, plan, cache, drafts))
         if loop.ended:
             break
+
+
+def _length(config: DiffusionConfig, block: int, C: int) -> int:
+    """Canvas `block`'s length: C, or with fast mode's canvas_shrink the tokens left."""
+    if not config.canvas_shrink:
+        return C
+    return min(C, max(config.canvas_shrink, config.max_new_tokens - block * C))
 
 
 class _Loop:
@@ -226,13 +244,34 @@ class _Loop:
         with mx.stream(self.stream):
             self.forwards = self.forwards + (~(state.done | self.finished)).astype(mx.int32)
             temp = S.temperature(n, cfg.max_denoising_steps, cfg.t_min, cfg.t_max)
-            # One pass over the vocabulary (softcap, temperature, one exp) serves sampling,
-            # entropy, the stop test and self-conditioning.
-            cap = self.model.args.final_logit_softcapping
+            proposal = self.propose(logits, temp, allowed, mx.array(n, mx.int32))
+            cond = proposal.probs if proposal.conditioning is None else proposal.conditioning
+            state = state if state.probs is not None else state._replace(probs=cond)
+            state, accepted = self.update(state, proposal, self.draws.noise(state.canvas.shape))
+            if cfg.monotone_commit:
+                state = S.commit(state, accepted)
+            return state, accepted
+
+    def propose(self, logits, temp, allowed, steps_left) -> S.Proposal:
+        """The step's statistics: one pass over the vocabulary (softcap, temperature, one
+        exp) in exact mode; in fast mode, per its settings, a top-k instead."""
+        cap = self.model.args.final_logit_softcapping
+        k, sc_k = self.config.top_k, self.config.self_conditioning_top_k
+        if not k:
             p, ent, argmax = _stats(logits, temp, cap, allowed, self.lanes)
-            proposal = S.Proposal(p, ent, argmax, self.draws.sample(p), mx.array(n, mx.int32))
-            state = state if state.probs is not None else state._replace(probs=p)
-            return self.update(state, proposal, self.draws.noise(state.canvas.shape))
+            cond = self._gathered(p, sc_k, None) if sc_k else None
+            return S.Proposal(p, ent, argmax, self.draws.sample(p), steps_left, cond)
+        p, ent, argmax, ids = _stats(logits, temp, cap, allowed, self.lanes, _top_k_stats(k))
+        sampled = mx.take_along_axis(ids, self.draws.sample(p)[..., None], axis=-1)[..., 0]
+        if sc_k:
+            cond = self._gathered(p, sc_k, ids)
+        else:  # top_k alone: condition on the whole vocabulary's probabilities
+            cond = _stats(logits, temp, cap, allowed, self.lanes)[0]
+        return S.Proposal(p, ent, argmax, sampled, steps_left, cond)
+
+    def _gathered(self, probs, k: int, ids):
+        weights, ids = T.top_k_weights(probs, k, ids)
+        return self.model.gathered_self_conditioning(ids, weights)
 
     def sync(self, state: S.StepState):
         """The one host sync per step: (tokens, first EOS, canvas stopped, every row ended)."""
@@ -249,6 +288,13 @@ class _Loop:
     def forward(self, state: S.StepState, cache) -> mx.array:
         """The next step's logits, conditioned on this step's probabilities."""
         with mx.stream(self.stream):
+            if self.config.self_conditioning_top_k:  # fast mode: the soft embedding itself
+                return self.model.denoise(
+                    state.canvas,
+                    cache,
+                    self_conditioning_embeddings=state.probs,
+                    apply_softcap=False,
+                )
             return self.model.denoise(
                 state.canvas, cache, self_conditioning_probs=state.probs, apply_softcap=False
             )

@@ -10,10 +10,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
+MODES = ("exact", "fast")
+COMMIT_RULES = ("entropy_bound", "confidence")
+# Fast mode's settings and their values in each mode: exact mode's are transformers'
+# sampler; a setting left None takes its mode's value.
+FAST_SETTINGS = {
+    "top_k": (0, 64),
+    "self_conditioning_top_k": (0, 64),
+    "commit_rule": ("entropy_bound", "entropy_bound"),
+    "commit_threshold": (0.9, 0.9),
+    "monotone_commit": (False, True),
+    "canvas_shrink": (0, 64),
+}
+
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Settings of the entropy-bound sampler (names as in transformers).
+    """Settings of the entropy-bound sampler (names as in transformers), and fast mode's.
 
     Args:
         max_new_tokens: tokens to generate; whole canvases are computed, so the model
@@ -29,6 +42,29 @@ class DiffusionConfig:
         confidence_threshold: ... and once the mean token entropy is below this.
         eos_token_id: ids that end generation; None means no EOS stop.
         pad_token_id: id written after EOS.
+        mode: "exact" (default): transformers' sampler, every fast-mode setting off
+            (setting one raises); "fast": the fast-mode settings below, each None taking
+            its fast value (`FAST_SETTINGS`). Fast mode is an approximation: its output
+            differs from transformers' for the same seed.
+        top_k: fast mode: sample, entropy, acceptance and the stop test see only each
+            position's k most likely tokens, renormalised (changes the sampler's
+            semantics: the other tokens' probability mass is dropped; the argmax and, when
+            that mass is 0, everything else are unchanged); 0: the whole vocabulary.
+            Fast value 64.
+        self_conditioning_top_k: fast mode: the next step is conditioned on the k most
+            likely tokens' embedding rows weighted by their renormalised probabilities,
+            instead of the probabilities times the whole embedding (changes semantics in
+            the same way); 0: the whole product. Fast value 64.
+        commit_rule: fast mode: "entropy_bound" (transformers') or "confidence" (accept
+            positions whose max probability is >= commit_threshold, at least one per
+            step: mlx-vlm's default; changes semantics). Fast value "entropy_bound".
+        commit_threshold: the "confidence" rule's threshold, in (0, 1]. Default 0.9.
+        monotone_commit: fast mode: an accepted position is fixed for the rest of the
+            canvas (changes semantics: transformers' sampler may revise it). Fast value True.
+        canvas_shrink: fast mode: with no layout, a canvas that would run past
+            max_new_tokens has max(canvas_shrink, tokens left) positions instead of the
+            model's canvas_length (mlx-vlm's default; changes semantics: the model sees a
+            shorter canvas); 0: off. Fast value 64.
     """
 
     max_new_tokens: int = 256
@@ -40,8 +76,21 @@ class DiffusionConfig:
     confidence_threshold: float = 0.005
     eos_token_id: Optional[Tuple[int, ...]] = None
     pad_token_id: int = 0
+    mode: str = "exact"
+    top_k: Optional[int] = None
+    self_conditioning_top_k: Optional[int] = None
+    commit_rule: Optional[str] = None
+    commit_threshold: Optional[float] = None
+    monotone_commit: Optional[bool] = None
+    canvas_shrink: Optional[int] = None
 
     def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)} (got {self.mode!r}).")
+        fast = self.mode == "fast"
+        for name, values in FAST_SETTINGS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, values[fast])
         if isinstance(self.eos_token_id, int):
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
         elif self.eos_token_id is not None:
@@ -67,15 +116,44 @@ class DiffusionConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
                 fail(name, "a number >= 0")
+        self._validate_fast()
         if not self.t_max > self.t_min:
             raise ValueError(
                 f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})."
             )
 
+    def _validate_fast(self):
+        def fail(name, rule):
+            raise ValueError(f"{name} must be {rule} (got {getattr(self, name)!r}).")
+
+        for name in ("top_k", "self_conditioning_top_k", "canvas_shrink"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                fail(name, "an integer >= 0 (0: off)")
+        if self.commit_rule not in COMMIT_RULES:
+            fail("commit_rule", "one of " + ", ".join(COMMIT_RULES))
+        v = self.commit_threshold
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            fail("commit_threshold", "a number in (0, 1]")
+        if not isinstance(self.monotone_commit, bool):
+            fail("monotone_commit", "True or False")
+        if self.mode == "exact":
+            for name, values in FAST_SETTINGS.items():
+                if getattr(self, name) != values[0]:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is a fast-mode approximation; "
+                        "pass mode='fast' (CLI: --mode fast) with it."
+                    )
+
     @classmethod
     def from_generation_config(cls, gen: Dict[str, Any]) -> "DiffusionConfig":
-        """Settings from a generation_config.json dict; missing keys keep transformers' defaults."""
-        kw = {f.name: gen[f.name] for f in dataclasses.fields(cls) if gen.get(f.name) is not None}
+        """Settings from a generation_config.json dict; missing keys keep transformers' defaults.
+
+        Exact mode always: fast-mode settings there (e.g. a `top_k`) are ignored.
+        """
+        # Fast mode is the caller's choice only (transformers' own `top_k` is another thing).
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in FAST_SETTINGS]
+        kw = {n: gen[n] for n in names if n != "mode" and gen.get(n) is not None}
         sampler = gen.get("sampler_config") or {}
         if sampler.get("entropy_bound") is not None:
             kw["entropy_bound"] = sampler["entropy_bound"]
@@ -94,8 +172,15 @@ class DiffusionConfig:
         return cls.from_generation_config(gen)
 
     def replace(self, **overrides) -> "DiffusionConfig":
-        """A copy with the given settings; None means "keep the current value"."""
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        """A copy with the given settings; None means "keep the current value".
+
+        A new `mode` resets the fast-mode settings not given to that mode's values.
+        """
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "mode" in overrides:
+            reset = {k: None for k in FAST_SETTINGS if k not in overrides}
+            overrides = {**reset, **overrides}
+        return dataclasses.replace(self, **overrides)
 
 
 def read_json(path: Path) -> Dict[str, Any]:

@@ -205,6 +205,12 @@ def ineffective_settings(config: DiffusionConfig) -> Dict[str, str]:
             f"{config.stability_threshold + 1} steps, and at most {n} run"
         )
         out["stability_threshold"] = out["confidence_threshold"] = why
+    if config.mode == "exact":
+        pass  # exact mode refuses fast-mode settings (DiffusionConfig.validate)
+    elif config.commit_rule != "confidence":
+        out["commit_threshold"] = "only the confidence commit rule uses it"
+    else:
+        out["entropy_bound"] = "the confidence commit rule does not use it"
     return out
 
 

@@ -498,6 +498,18 @@ class Model(nn.Module):
         soft = embed_transpose_matmul(embed, probs.astype(dtype))
         return soft * mx.array(self.embed_scale, dtype=soft.dtype)
 
+    def gathered_self_conditioning(self, ids: mx.array, weights: mx.array) -> mx.array:
+        """sum_j weights[..., j] * E[ids[..., j]] * sqrt(hidden): `self_conditioning_embeddings`
+        of probabilities that are zero outside `ids` (..., k), from k embedding rows.
+
+        A quantized embedding's rows come back dequantized; the sum is in float32.
+        """
+        embed = self.model.decoder.embed_tokens
+        rows = embed(ids)  # (..., k, H)
+        soft = (weights.astype(mx.float32)[..., None, :] @ rows.astype(mx.float32))[..., 0, :]
+        soft = soft.astype(rows.dtype)  # the dtype of self_conditioning_embeddings
+        return soft * mx.array(self.embed_scale, dtype=soft.dtype)
+
     def denoise(
         self,
         canvas: mx.array,
@@ -505,6 +517,7 @@ class Model(nn.Module):
         self_conditioning_logits: Optional[mx.array] = None,
         *,
         self_conditioning_probs: Optional[mx.array] = None,
+        self_conditioning_embeddings: Optional[mx.array] = None,
         apply_softcap: bool = True,
     ) -> mx.array:
         """Bidirectional pass of `canvas` (B, C) over the cache; returns float32 logits (B, C, V).
@@ -513,13 +526,18 @@ class Model(nn.Module):
         previous step's (temperature-scaled) logits condition the input; a sampler that
         already has their softmax passes `self_conditioning_probs` instead. With
         `apply_softcap=False` the logits come before the final tanh cap, for a sampler
-        that fuses the cap into its own pass over the vocabulary.
+        that fuses the cap into its own pass over the vocabulary. A sampler that builds
+        the soft embedding itself (`gathered_self_conditioning`) passes
+        `self_conditioning_embeddings` (B, C, H).
         """
-        if self_conditioning_logits is not None and self_conditioning_probs is not None:
-            raise ValueError("Pass self_conditioning_logits or self_conditioning_probs, not both.")
+        given = (self_conditioning_logits, self_conditioning_probs, self_conditioning_embeddings)
+        if sum(g is not None for g in given) > 1:
+            raise ValueError(
+                "Pass one of self_conditioning_logits, _probs or _embeddings, not several."
+            )
         text = self.model.decoder
         x = embed_scaled(text.embed_tokens, canvas, self.embed_scale)
-        soft = None
+        soft = self_conditioning_embeddings
         if self_conditioning_logits is not None:
             self_conditioning_probs = mx.softmax(
                 self_conditioning_logits.astype(mx.float32), axis=-1, precise=True

@@ -25,6 +25,13 @@ SAMPLER_FLAGS = {
     "--t-max": "t_max",
     "--stability-threshold": "stability_threshold",
     "--confidence-threshold": "confidence_threshold",
+    "--mode": "mode",
+    "--top-k": "top_k",
+    "--self-conditioning-top-k": "self_conditioning_top_k",
+    "--commit-rule": "commit_rule",
+    "--commit-threshold": "commit_threshold",
+    "--monotone-commit": "monotone_commit",
+    "--canvas-shrink": "canvas_shrink",
 }
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
@@ -95,6 +102,50 @@ def sampler_options(command):
             type=click.FloatRange(min=0, min_open=True),
             default=None,
             help="... and its mean token entropy is below this.",
+        ),
+        click.option(
+            "--mode",
+            type=click.Choice(["exact", "fast"]),
+            default=None,
+            help="exact: transformers' sampler; fast: an approximation (the settings below "
+            "default to top-k 64, gathered self-conditioning, monotone commit, canvas shrink 64).  "
+            "[default: exact]",
+        ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Fast mode: sample from each position's k most likely tokens (0: all).",
+        ),
+        click.option(
+            "--self-conditioning-top-k",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Fast mode: self-condition on the k most likely tokens' embeddings (0: all).",
+        ),
+        click.option(
+            "--commit-rule",
+            type=click.Choice(["entropy_bound", "confidence"]),
+            default=None,
+            help="Fast mode: accept by entropy bound, or max probability >= --commit-threshold.",
+        ),
+        click.option(
+            "--commit-threshold",
+            type=click.FloatRange(min=0, max=1, min_open=True),
+            default=None,
+            help="Fast mode: the confidence rule's threshold.  [default: 0.9]",
+        ),
+        click.option(
+            "--monotone-commit/--no-monotone-commit",
+            default=None,
+            help="Fast mode: accepted tokens stay fixed for the rest of the canvas.",
+        ),
+        click.option(
+            "--canvas-shrink",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Fast mode: a last canvas past --max-tokens has max(N, tokens left) "
+            "positions (0: off).",
         ),
     ]
     for option in reversed(options):

@@ -133,6 +133,11 @@ class Proposal(NamedTuple):
         argmax: their argmax; the fixed id at fixed positions.
         sampled: one sample per position; the fixed id at fixed positions.
         steps_left: int32 scalar, denoising steps left including this one (N .. 1).
+        conditioning: what the next forward is conditioned on, when not `probs` (fast
+            mode: the soft embedding (B, C, H) or the full probabilities); None: `probs`.
+
+    `probs` may cover each position's k most likely tokens only (fast mode's `top_k`):
+    its last axis is then k, not the vocabulary.
     """
 
     probs: mx.array
@@ -140,6 +145,7 @@ class Proposal(NamedTuple):
     argmax: mx.array
     sampled: mx.array
     steps_left: mx.array
+    conditioning: Optional[mx.array] = None
 
 
 # An acceptance rule: (proposal, state before the step) -> (B, C) bool, the positions
@@ -161,9 +167,48 @@ class EntropyBound:
         return entropy_bound_accept(proposal.entropy, self.entropy_bound)
 
 
+@dataclass(frozen=True)
+class ConfidenceThreshold:
+    """mlx-vlm's default rule: accept positions whose max probability is >= `threshold`.
+
+    At least one position is accepted each step (the most confident undecided one), so
+    a canvas always progresses. An approximation of transformers' sampler (fast mode's
+    `commit_rule="confidence"`); frozen, so equal rules share one compiled step.
+    """
+
+    threshold: float
+
+    def __call__(self, proposal: Proposal, state: StepState) -> mx.array:
+        top = mx.max(proposal.probs, axis=-1)
+        accept = top >= self.threshold
+        best = mx.argmax(mx.where(state.fixed, -1.0, top), axis=-1, keepdims=True)
+        return accept | (mx.arange(top.shape[-1]) == best)
+
+
 def make_accept(config) -> Accept:
-    """The acceptance rule of a `DiffusionConfig` (today: its entropy bound)."""
+    """The acceptance rule of a `DiffusionConfig`: its entropy bound (the default) or,
+    with `commit_rule="confidence"`, the confidence threshold `commit_threshold`."""
+    if getattr(config, "commit_rule", "entropy_bound") == "confidence":
+        return ConfidenceThreshold(config.commit_threshold)
     return EntropyBound(config.entropy_bound)
+
+
+def commit(state: StepState, accepted: mx.array) -> StepState:
+    """Monotone commit (fast mode): accepted positions become fixed at their sample.
+
+    Later steps keep them (zero entropy, never renoised), so, unlike transformers'
+    sampler, a token once accepted is never revised. Rows that stopped are unchanged; a
+    row whose every position is decided stops now (as mlx-vlm's confidence sampler does),
+    instead of one step later by the stability test.
+    """
+    accepted = accepted & ~state.done[:, None]
+    fixed = state.fixed | accepted
+    ids = mx.where(accepted, state.canvas, state.fixed_ids)
+    # The draft shows the committed samples from now on (the stop test compares it).
+    argmax = mx.where(accepted, state.canvas, state.argmax)
+    history = state.history[:-1] + (argmax,) if state.history else state.history
+    done = state.done | mx.all(fixed, axis=-1)
+    return state._replace(argmax=argmax, history=history, done=done, fixed=fixed, fixed_ids=ids)
 
 
 def step_update(
@@ -193,7 +238,7 @@ def step_update(
     keep = state.done[:, None]
     new_argmax = mx.where(keep, argmax, proposal.argmax)
     new_canvas = mx.where(keep, canvas, new_canvas)
-    probs = proposal.probs
+    probs = proposal.probs if proposal.conditioning is None else proposal.conditioning
     if probs.shape[0] > 1:  # a single row never runs past its stop
         probs = mx.where(keep[..., None], prev_probs, probs)
     stable = is_stable(state.history, new_argmax)

@@ -1,0 +1,135 @@
+"""Fast mode's quality: each approximation alone and combined, against exact mode.
+
+    python benchmarks/fast_quality.py --model PATH [PATH ...] [--limit 100] [--steps 48]
+
+A model folder with a `test.csv` (`puzzle,solution`, e.g. the trainer's Sudoku toy) is
+scored on the task: its toy prompt (`<bos>`, the grid's digits, `|`), the model writes the
+grid; "solved" is the fraction of puzzles whose last digits equal the solution, "cells"
+the fraction of empty cells filled right. Any other model (e.g. a random shape or tiny
+checkpoint) is scored by agreement with exact mode's output for the same seed (the
+fraction of output tokens equal); on a random model that only says how far each setting
+moves the output, not whether it is worse. All prompts of a model run as one batch.
+
+Columns: setting, the metric, mean denoising steps (forwards) per row and canvas, wall s.
+"""
+
+import argparse
+import csv
+import re
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlx_diffgemma import load  # noqa: E402
+from mlx_diffgemma.block_diffusion import Block, generate_step  # noqa: E402
+from mlx_diffgemma.generate import resolve_config  # noqa: E402
+
+OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=False, canvas_shrink=0)
+SETTINGS = {
+    "exact": {},
+    "top_k=64": {**OFF, "top_k": 64},
+    "self_conditioning_top_k=64": {**OFF, "self_conditioning_top_k": 64},
+    "monotone_commit": {**OFF, "monotone_commit": True},
+    "commit_rule=confidence": {**OFF, "commit_rule": "confidence"},
+    "canvas_shrink=64": {**OFF, "canvas_shrink": 64},
+    "fast (default)": {"mode": "fast"},
+    "fast + confidence": {"mode": "fast", "commit_rule": "confidence"},
+}
+
+
+def read_csv(path: Path, limit: int):
+    with open(path, newline="") as f:
+        rows = [(r["puzzle"], r["solution"]) for r in csv.DictReader(f)]
+    return rows[:limit]
+
+
+def run(model, prompts, config, seed):
+    """Generated ids (B, T) and mean forwards per row and canvas."""
+    blocks = [
+        e
+        for e in generate_step(mx.array(prompts), model, config=config, key=mx.random.key(seed))
+        if isinstance(e, Block)
+    ]
+    tokens = mx.concatenate([b.tokens for b in blocks], axis=1)
+    forwards = blocks[-1].decoder_forwards.astype(mx.float32).mean().item() / len(blocks)
+    return tokens, forwards
+
+
+def sudoku_metric(tokenizer, tokens, puzzles):
+    solved = cells = 0.0
+    for row, (puzzle, solution) in zip(tokens.tolist(), puzzles):
+        digits = "".join(re.findall(r"[0-9]", tokenizer.decode(row)))[-len(solution) :]
+        blanks = [i for i, c in enumerate(puzzle) if c in "0."]
+        solved += digits == solution
+        if len(digits) == len(solution):
+            cells += sum(digits[i] == solution[i] for i in blanks) / max(len(blanks), 1)
+    return {"solved": solved / len(puzzles), "cells": cells / len(puzzles)}
+
+
+def settings(k: int):
+    """SETTINGS with `k` for the two top-k settings (e.g. below a toy's vocabulary)."""
+    out = {}
+    for name, kw in SETTINGS.items():
+        kw = dict(kw)
+        for key in ("top_k", "self_conditioning_top_k"):
+            if kw.get(key):
+                kw[key] = k
+        if kw.get("mode") == "fast" and len(kw) <= 2:  # the fast presets
+            kw.update(top_k=k, self_conditioning_top_k=k)
+        out[name.replace("top_k=64", f"top_k={k}")] = kw
+    return out
+
+
+def evaluate(path: Path, a):
+    model, tokenizer = load(path)
+    test = path / "test.csv"
+    if test.exists():
+        puzzles = read_csv(test, a.limit)
+        bos = tokenizer.bos_token_id
+        prompts = [[bos] + tokenizer.encode(p.replace(".", "0") + "|") for p, _ in puzzles]
+        kind = f"Sudoku, {len(puzzles)} puzzles of {path / 'test.csv'}"
+    else:
+        V = model.args.vocab_size
+        prompts = [
+            [2] + [(7919 * i + 13 * b) % (V - 1000) + 1000 for i in range(15)]
+            for b in range(a.limit)
+        ]
+        puzzles = None
+        kind = f"agreement with exact mode, {a.limit} prompts (random model: not a quality)"
+    print(f"\n## {path}: {kind}, steps {a.steps or 'of the checkpoint'}, seed {a.seed}, k {a.k}")
+    print(f"{'setting':28} {'metric':34} {'fwd/canvas':>10} {'wall s':>7}")
+    reference = None
+    for name, kw in settings(a.k).items():
+        config = resolve_config(model, max_denoising_steps=a.steps, **kw)
+        if puzzles is None:
+            config = config.replace(eos_token_id=())
+        tic = time.perf_counter()
+        tokens, fwd = run(model, prompts, config, a.seed)
+        wall = time.perf_counter() - tic
+        if puzzles is not None:
+            metric = sudoku_metric(tokenizer, tokens, puzzles)
+        else:
+            reference = tokens if reference is None else reference
+            metric = {"agree": mx.mean(tokens == reference).item()}
+        text = ", ".join(f"{k} {v:.3f}" for k, v in metric.items())
+        print(f"{name:28} {text:34} {fwd:10.2f} {wall:7.1f}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, nargs="+", required=True)
+    p.add_argument("--limit", type=int, default=100, help="puzzles (or prompts) per model")
+    p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=64, help="k of top_k and self_conditioning_top_k")
+    a = p.parse_args()
+    for path in a.model:
+        evaluate(path, a)
+
+
+if __name__ == "__main__":
+    main()

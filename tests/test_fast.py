@@ -1,0 +1,187 @@
+"""Fast mode: settings, the exactness of its parts, and an end-to-end run."""
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+from conftest import random_tiny_model
+
+from mlx_diffgemma import sampler as S
+from mlx_diffgemma import topk as T
+from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step
+from mlx_diffgemma.config import DiffusionConfig
+from mlx_diffgemma.generate import generate, generate_command, resolve_config
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"mode": "turbo"}, "mode must be one of exact, fast (got 'turbo')."),
+        ({"top_k": 64}, "top_k=64 is a fast-mode approximation; pass mode='fast'"),
+        ({"monotone_commit": True}, "monotone_commit=True is a fast-mode approximation"),
+        ({"mode": "fast", "top_k": -1}, "top_k must be an integer >= 0"),
+        ({"mode": "fast", "self_conditioning_top_k": 1.5}, "self_conditioning_top_k must be"),
+        ({"mode": "fast", "commit_rule": "greedy"}, "commit_rule must be one of entropy_bound"),
+        ({"mode": "fast", "commit_threshold": 0}, "commit_threshold must be a number in (0, 1]"),
+    ],
+)
+def test_mode_and_settings_are_validated(kw, message):
+    with pytest.raises(ValueError) as e:
+        DiffusionConfig(**kw)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mode_fills_the_settings_not_given(tiny):
+    model = tiny[0]
+    exact = resolve_config(model)
+    assert (exact.mode, exact.top_k, exact.monotone_commit) == ("exact", 0, False)
+    fast = resolve_config(model, mode="fast", top_k=8)
+    assert (fast.top_k, fast.self_conditioning_top_k, fast.monotone_commit) == (8, 64, True)
+    back = fast.replace(mode="exact")
+    assert back == exact
+    # A checkpoint's own top_k (transformers' sampling option) never turns fast mode on.
+    assert DiffusionConfig.from_generation_config({"top_k": 64}).top_k == 0
+
+
+def test_cli_mode_flags(tiny_checkpoint):
+    def run(*args):
+        argv = ["--model", str(tiny_checkpoint), "-p", "Hi", "--seed", "0", *args]
+        return CliRunner().invoke(generate_command, argv)
+
+    bad = run("--top-k", "8")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "pass mode='fast' (CLI: --mode fast)" in bad.stderr.splitlines()[-1]
+    assert run("--mode", "turbo").exit_code == 2
+    ok = run("--mode", "fast", "--commit-rule", "confidence", "--commit-threshold", "0.5")
+    assert ok.exit_code == 0, ok.output
+    warn = run("--mode", "fast", "--commit-threshold", "0.5")
+    assert "[WARNING] --commit-threshold has no effect" in warn.stderr
+
+
+@pytest.mark.parametrize("V", [4096, 4096 + 37])
+def test_top_k_ids_are_the_exact_top_k(V):
+    x = mx.random.normal((2, 3, V), key=mx.random.key(V))
+    ids = T.top_k_ids(x, 16)
+    ref = mx.sort(mx.argsort(-x, axis=-1)[..., :16], axis=-1)
+    assert mx.array_equal(ids, ref)
+
+
+def test_top_k_stats_equal_the_full_vocabulary_when_the_rest_has_no_mass():
+    V, k = 8192, 32
+    key1, key2, key3 = mx.random.split(mx.random.key(1), 3)
+    logits = mx.full((2, 5, V), -1e4)  # exp underflows to exactly 0 at any temperature here
+    support = mx.random.randint(0, V, (2, 5, k), key=key1)
+    logits = mx.put_along_axis(logits, support, 3 * mx.random.normal(support.shape, key=key2), -1)
+    temp, cap = mx.array(0.7), 30.0
+    p, ent, argmax = S.step_stats(logits, temp, cap)
+    pk, entk, argmaxk, ids = T.top_k_stats(logits, temp, cap, k=k)
+    assert mx.array_equal(argmax, argmaxk)
+    assert mx.allclose(ent, entk, atol=1e-5)
+    u = mx.random.uniform(shape=(2, 5), key=key3)
+    full = S.sample_categorical(p, u)
+    top = mx.take_along_axis(ids, S.sample_categorical(pk, u)[..., None], -1)[..., 0]
+    assert mx.array_equal(full, top)
+    # With mass outside the top k, top-k renormalises: its entropy is smaller.
+    noisy = mx.random.normal(logits.shape, key=key1)
+    assert (T.top_k_stats(noisy, temp, cap, k=k)[1] < S.step_stats(noisy, temp, cap)[1]).all()
+
+
+def test_gathered_self_conditioning_equals_the_full_product():
+    model = random_tiny_model()
+    V = model.args.vocab_size
+    ids = mx.sort(mx.random.randint(0, V, (1, 3, 8), key=mx.random.key(2)), axis=-1)
+    w = mx.softmax(mx.random.normal((1, 3, 8), key=mx.random.key(3)), axis=-1)
+    dense = mx.zeros((1, 3, V)).at[mx.arange(1)[:, None, None], mx.arange(3)[None, :, None], ids]
+    dense = dense.add(w)
+    full = model.self_conditioning_embeddings(dense)
+    assert mx.allclose(model.gathered_self_conditioning(ids, w), full, atol=1e-5)
+    # top_k_weights over the dense probabilities finds the same rows and weights.
+    w2, ids2 = T.top_k_weights(dense, 8)
+    assert mx.allclose(model.gathered_self_conditioning(ids2, w2), full, atol=1e-5)
+
+
+def _state(fixed):
+    z = mx.zeros(fixed.shape, dtype=mx.int32)
+    return S.StepState(z, z, None, mx.zeros((fixed.shape[0],), mx.bool_), (), fixed, z)
+
+
+def test_confidence_rule_accepts_confident_positions_and_at_least_one():
+    rule = S.ConfidenceThreshold(0.9)
+    probs = mx.array([[[0.95, 0.05], [0.5, 0.5], [0.6, 0.4]], [[0.7, 0.3], [0.8, 0.2], [0.5, 0.5]]])
+    p = S.Proposal(probs, None, None, None, mx.array(1))
+    free = mx.zeros((2, 3), dtype=mx.bool_)
+    assert rule(p, _state(free)).tolist() == [[True, False, False], [False, True, False]]
+    # The most confident *undecided* position: fixed ones are accepted anyway.
+    fixed = mx.array([[False, False, False], [False, True, False]])
+    assert rule(p, _state(fixed)).tolist()[1] == [True, False, False]
+    assert isinstance(
+        S.make_accept(DiffusionConfig(mode="fast", commit_rule="confidence")), S.ConfidenceThreshold
+    )
+
+
+def test_monotone_commit_never_revises_an_accepted_token():
+    model = random_tiny_model()
+    cfg = DiffusionConfig(
+        max_new_tokens=8,
+        max_denoising_steps=10,
+        mode="fast",
+        entropy_bound=2.0,
+    )
+    drafts = [
+        e
+        for e in generate_step(
+            mx.array([[2, 9]]), model, config=cfg, key=mx.random.key(0), drafts=True
+        )
+        if isinstance(e, DenoiseStep)
+    ]
+    kept = mx.zeros((1, 8), dtype=mx.bool_)
+    value = mx.zeros((1, 8), dtype=mx.int32)
+    for d in drafts:  # a token accepted (its sample) is the draft and input from then on
+        kept = kept | d.accepted
+        value = mx.where(d.accepted, d.canvas, value)
+        for later in (d.argmax, d.canvas):
+            assert mx.array_equal(mx.where(kept, later, 0), mx.where(kept, value, 0))
+    assert kept.any()
+    # A canvas stops at once when its every position is committed (not a step later).
+    assert len(drafts) < cfg.max_denoising_steps and drafts[-1].accepted.all()
+    assert not any(d.accepted.all() for d in drafts[:-1])
+
+
+def test_fast_mode_end_to_end(tiny):
+    model, tok = tiny
+    text = generate(model, tok, "Hi", seed=0, mode="fast", max_tokens=16)
+    assert isinstance(text, str) and text
+    alone = generate(
+        model,
+        tok,
+        "Hi",
+        seed=0,
+        mode="fast",
+        top_k=0,
+        self_conditioning_top_k=0,
+        monotone_commit=False,
+        canvas_shrink=0,
+        max_tokens=16,
+    )
+    assert alone == generate(model, tok, "Hi", seed=0, max_tokens=16)  # every setting off
+    blocks = [
+        e
+        for e in generate_step(
+            mx.array([[2, 9]] * 2),
+            model,
+            key=mx.random.key(1),
+            config=resolve_config(model, mode="fast"),
+        )
+        if isinstance(e, Block)
+    ]
+    assert blocks and blocks[0].tokens.shape == (2, model.args.canvas_length)
+
+
+def test_canvas_shrink_cuts_the_last_canvas_to_the_tokens_left():
+    model = random_tiny_model()
+    cfg = DiffusionConfig(max_new_tokens=11, max_denoising_steps=2, mode="fast", canvas_shrink=2)
+    blocks = generate_step(mx.array([[2, 9]]), model, config=cfg, key=mx.random.key(0))
+    assert [b.tokens.shape[1] for b in blocks] == [8, 3]
+    blocks = generate_step(
+        mx.array([[2, 9]]), model, config=cfg.replace(canvas_shrink=5), key=mx.random.key(0)
+    )
+    assert [b.tokens.shape[1] for b in blocks] == [8, 5]
