@@ -116,6 +116,16 @@ def test_chat_non_streaming_usage_and_seed(oai, tok):
     assert r.usage.total_tokens == len(prompt) + 16
 
 
+def test_fast_mode_is_a_request_field(oai, tiny, tok):
+    from mlx_diffgemma import generate
+
+    r = _chat(oai, "Why is the sky blue?", extra_body={"mode": "fast"})
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    model, _ = tiny
+    expected = generate(model, tok, messages, max_tokens=16, seed=1, mode="fast")
+    assert r.choices[0].message.content == expected
+
+
 def test_chat_streaming_matches_non_streaming(oai):
     whole = _chat(oai, "Count to ten.", max_tokens=24)
     chunks = list(

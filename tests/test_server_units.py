@@ -114,7 +114,7 @@ def test_tool_text_held_until_parsed():
         ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
-        ({"messages": [{"role": "user", "content": "x"}], "mode": "fast"}, "mode"),
+        ({"messages": [{"role": "user", "content": "x"}], "mode": "turbo"}, "mode"),
         ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
         (
             {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},

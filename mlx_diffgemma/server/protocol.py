@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ..config import MODES
+
 GREEDY_TEMPERATURE = 1e-3
 THINKING_EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
 
@@ -59,6 +61,7 @@ class GenRequest:
     enable_thinking: Optional[bool] = None
     max_denoising_steps: Optional[int] = None
     entropy_bound: Optional[float] = None
+    mode: Optional[str] = None  # "exact" (default) or "fast" (DiffusionConfig.mode)
     include_drafts: bool = False
 
 
@@ -116,11 +119,6 @@ def _check_fields(data: Dict[str, Any], allowed: set):
                 raise RequestError(f"'{name}'={value!r} is not supported ({why}).", name)
         elif name not in allowed:
             raise RequestError(f"Unknown or unsupported field '{name}'.", name)
-    if data.get("mode") is not None:
-        raise RequestError(
-            "'mode' is not supported yet: this build has one (exact) sampler; leave it out.",
-            "mode",
-        )
 
 
 def _typed(data, name, kinds, what, default=None):
@@ -157,6 +155,9 @@ def _common(data: Dict[str, Any], req: GenRequest, tokens_field: str = "max_toke
     if eb is not None and not eb > 0:
         raise RequestError(f"'entropy_bound' must be > 0 (got {eb}).", "entropy_bound")
     req.entropy_bound = eb
+    req.mode = _typed(data, "mode", (str,), "'exact' or 'fast'")
+    if req.mode is not None and req.mode not in MODES:
+        raise RequestError(f"'mode' must be 'exact' or 'fast' (got {req.mode!r}).", "mode")
     req.include_drafts = _typed(data, "include_drafts", (bool,), "true or false", False)
     meta = data.get("metadata")
     if meta is not None and not isinstance(meta, dict):

@@ -68,7 +68,11 @@ class CacheStore:
 
 def sampler_settings(model, req: GenRequest) -> Dict[str, Any]:
     """DiffusionConfig overrides of a request (temperature mapping in protocol.py)."""
-    out = {"max_denoising_steps": req.max_denoising_steps, "entropy_bound": req.entropy_bound}
+    out = {
+        "max_denoising_steps": req.max_denoising_steps,
+        "entropy_bound": req.entropy_bound,
+        "mode": req.mode,
+    }
     if req.temperature is not None:
         base = resolve_config(model)
         t = max(req.temperature, GREEDY_TEMPERATURE)
