@@ -110,7 +110,7 @@ _TEXT_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
 }
 
-_VISION_DEFAULTS: dict[str, Any] = {
+VISION_CONFIG: dict[str, Any] = {
     "model_type": "gemma4_vision",
     "hidden_size": 16,
     "intermediate_size": 32,
@@ -219,7 +219,7 @@ def tiny_config(style: str = "release", **overrides) -> dict:
     if FULL not in text["layer_types"] or SLIDING not in text["layer_types"]:
         raise ValueError("the tiny config needs at least one sliding and one full layer")
     top["text_config"] = _to_style(text, style)
-    top["vision_config"] = copy.deepcopy(_VISION_DEFAULTS)
+    top["vision_config"] = copy.deepcopy(VISION_CONFIG)
     return top
 
 

@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import TINY_CONFIG, TINY_GENERATION_CONFIG
+from hf_reference import VISION_CONFIG
 from mlx.utils import tree_flatten
 from PIL import Image
 from tokenizer_fixture import gemma4_spm_path
@@ -20,20 +21,6 @@ from mlx_diffgemma.model import Model, ModelArgs
 from mlx_diffgemma.tokenizer import Tokenizer
 
 IMAGE, BOI, EOI = 258880, 255999, 258882
-VISION = {
-    "model_type": "gemma4_vision",
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "patch_size": 4,
-    "pooling_kernel_size": 3,
-    "position_embedding_size": 64,
-    "standardize": True,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 100.0},
-}
 
 # The message-content loop of the Gemma 4 chat template (google/gemma-4 and DiffusionGemma
 # `chat_template.jinja`): each text part trimmed, one `<|image|>` per image part.
@@ -62,7 +49,7 @@ def vision_checkpoint(tmp_path_factory):
     """The conftest tiny model with a tiny vision tower and bidirectional image runs."""
     config = json.loads(json.dumps(TINY_CONFIG))
     config["text_config"]["use_bidirectional_attention"] = "vision"
-    config["vision_config"] = VISION
+    config["vision_config"] = VISION_CONFIG
     mx.random.seed(1)
     model = Model(ModelArgs.from_dict(config))
     model.load_weights(
@@ -246,7 +233,7 @@ def test_quantized_tower_runs_close_to_float():
 
     from mlx_diffgemma.vision import make_vision
 
-    config = {**VISION, "hidden_size": 64, "intermediate_size": 128, "head_dim": 32,
+    config = {**VISION_CONFIG, "hidden_size": 64, "intermediate_size": 128, "head_dim": 32,
               "patch_size": 8}  # fmt: skip
     mx.random.seed(0)
     tower, embed = make_vision(config, 64)
