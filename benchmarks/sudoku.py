@@ -87,7 +87,7 @@ def ar_sweep(model, tokenizer, puzzles, *, style="recipe", clamp=True, digits_on
     scores, tokens, tic = [], 0, time.perf_counter()
     for puzzle, solution in puzzles:
         ids = S.prompt_ids(tokenizer, puzzle, style)
-        n = S.answer_tokens(len(S.parse_grid(puzzle))) + 1
+        n = S.answer_tokens(len(S.parse_grid(puzzle)), S.spaced_answer(style)) + 1
         fixed = allowed = None
         if clamp:
             lay = S.answer_layout(
@@ -97,6 +97,7 @@ def ar_sweep(model, tokenizer, puzzles, *, style="recipe", clamp=True, digits_on
                 model.args.vocab_size,
                 eos[0],
                 digits_only=digits_only,
+                spaced=S.spaced_answer(style),
             )
             fixed = [i if f else None for i, f in zip(lay.ids, lay.fixed)][:n]
             if digits_only:

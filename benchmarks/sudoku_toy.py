@@ -15,9 +15,10 @@ to `--givens`). The training set is these base puzzles under random symmetries (
 relabelling, row swaps within a band, band swaps, column swaps within a stack, stack
 swaps), all of which keep uniqueness. Test puzzles are generated with another seed.
 
-Model: a character tokenizer (digits, space, '|'), prompt `<bos>` + the puzzle's 36
-digits + `|` (sudoku.py's "toy" style), answer the solution with spaces (71 tokens, as
-sudoku.py writes grids) + EOS on one 72-token canvas.
+Model: a character tokenizer (digits, space, '|'), sudoku.py's compact "toy" style:
+prompt `<bos>` + the puzzle's 36 digits + `|`, answer the solution's 36 digits without
+spaces + EOS on one 40-token canvas (so prompt cell i and answer cell i are always 37
+positions apart).
 """
 
 import argparse
@@ -35,6 +36,7 @@ from mlx_diffgemma import sudoku as S  # noqa: E402
 from mlx_diffgemma.tuner.data import Example  # noqa: E402
 
 N, BR, BC = 6, 2, 3  # size, box rows, box columns
+CANVAS = 40  # 36 digits + EOS, padded to a multiple of 8
 ALPHABET = "0123456789|"
 # `mlx_diffgemma generate -p PUZZLE` on the toy: the user message's digits as the toy prompt.
 CHAT_TEMPLATE = (
@@ -112,13 +114,10 @@ def symmetry(rng):
     return apply
 
 
-def spaced(grid: str) -> str:
-    return " ".join(grid)
-
-
 def example(tokenizer, puzzle: str, solution: str) -> Example:
     prompt = S.prompt_ids(tokenizer, puzzle, "toy")
-    return Example(prompt, tokenizer.encode(spaced(solution)), tokenizer.eos_token_ids[0])
+    answer = tokenizer.encode(S.format_grid(solution, spaced=False))
+    return Example(prompt, answer, tokenizer.eos_token_ids[0])
 
 
 def generate_set(n, seed, givens):
@@ -165,6 +164,7 @@ def main(argv=None):
     p.add_argument("--givens", default="14,22", help="Clue range of generated puzzles.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", help="Continue from this toy checkpoint's weights.")
+    p.add_argument("--save-every", type=int, default=10**9, help="Save the weights every N steps.")
     args = p.parse_args(argv)
     out = Path(args.out)
     givens = tuple(int(x) for x in args.givens.split(","))
@@ -177,13 +177,13 @@ def main(argv=None):
         flush=True,
     )
     toy.build_char_tokenizer(out, ALPHABET)
-    toy.write_generation_config(out, max_new_tokens=2 * N * N, max_denoising_steps=48)
+    toy.write_generation_config(out, max_new_tokens=CANVAS, max_denoising_steps=48)
     write_csv(out / "test.csv", test)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     tokenizer = Tokenizer.from_pretrained(out)
     config = toy.tiny_config(
         tokenizer.vocab_size,
-        2 * N * N,
+        CANVAS,
         hidden_size=args.hidden_size,
         num_hidden_layers=args.layers,
         sliding_window=256,
@@ -200,7 +200,7 @@ def main(argv=None):
         val_batches=2,
         steps_per_report=50,
         steps_per_eval=500,
-        steps_per_save=10**9,
+        steps_per_save=args.save_every,
         adapter_file=out / "adapters.safetensors",
     )
     tic = time.perf_counter()

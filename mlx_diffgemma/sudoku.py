@@ -21,8 +21,11 @@ averaged per hardness: easy >= 40 givens, medium 30-39, hard < 30.
 
 6x6 grids (2x3 boxes, 36 cells, for toy models) work the same way: 71 answer tokens,
 digits 1-6, hardness bins at the same fractions of the cells (easy >= 18 givens,
-medium 14-17, hard < 14). The toy prompt ("toy") is `<bos>`, the grid's digits with no
-spaces and `|` (short prompts keep toy training cheap); the answer is as above.
+medium 14-17, hard < 14). The toy style ("toy") is compact on both sides: the prompt is
+`<bos>`, the grid's digits with no spaces and `|`, and the answer is the 36 digits with
+no spaces, then EOS (cell i at canvas position i). Short sequences keep toy training
+cheap, and prompt cell i and answer cell i then sit a constant distance apart, which
+rotary attention learns far more easily than the recipe's 2 i spacing.
 """
 
 import csv
@@ -51,9 +54,14 @@ ANSWER_TOKENS = 161  # 81 digits and 80 spaces
 SIZES = {81: 9, 36: 6}  # cells -> digits (9x9, and 6x6 with 2x3 boxes)
 
 
-def answer_tokens(cells: int) -> int:
-    """Digits and separating spaces of a grid's answer."""
-    return 2 * cells - 1
+def answer_tokens(cells: int, spaced: bool = True) -> int:
+    """Tokens of a grid's answer: digits and separating spaces (or digits only)."""
+    return 2 * cells - 1 if spaced else cells
+
+
+def spaced_answer(style: str) -> bool:
+    """Whether answers in prompt `style` separate cells with spaces (all but "toy")."""
+    return style != "toy"
 
 
 # Hand-made puzzles with unique solutions (two per hardness), for runs without a dataset.
@@ -112,9 +120,10 @@ def parse_grid(grid: str) -> str:
     return cells
 
 
-def format_grid(grid: str) -> str:
-    """The recipe's text form: 81 digits separated by single spaces."""
-    return " ".join(parse_grid(grid))
+def format_grid(grid: str, spaced: bool = True) -> str:
+    """The answer's text form: the digits separated by single spaces (the recipe's), or
+    the bare digits (`spaced=False`, the toy style's)."""
+    return (" " if spaced else "").join(parse_grid(grid))
 
 
 def givens(puzzle: str) -> int:
@@ -227,6 +236,7 @@ def answer_layout(
     end_id: int,
     *,
     digits_only: bool = False,
+    spaced: bool = True,
 ) -> CanvasLayout:
     """The clamped answer: givens, spaces, `end_id` and padding fixed; empty cells free.
 
@@ -237,6 +247,7 @@ def answer_layout(
         vocab_size: the model's vocabulary size.
         end_id: the token after the grid (an EOS id of the generation config).
         digits_only: limit the empty cells to the tokens 1-9.
+        spaced: cells separated by spaces (the recipe's answer) or adjacent (the toy's).
 
     Raises:
         ValueError: a malformed grid, or a tokenizer that does not give one token per
@@ -244,17 +255,17 @@ def answer_layout(
     """
     puzzle = parse_grid(puzzle)
     digit, space = _grid_ids(tokenizer)
-    expected = tokenizer.encode(format_grid(puzzle))
+    expected = tokenizer.encode(format_grid(puzzle, spaced))
     ids, fixed = [], []
     for i, c in enumerate(puzzle):
-        if i:
+        if i and spaced:
             ids.append(space)
             fixed.append(True)
         ids.append(digit[c])
         fixed.append(c != "0")
     if ids != expected:
         raise ValueError("This tokenizer does not write a grid as one token per cell and space.")
-    answer = answer_tokens(len(puzzle))
+    answer = answer_tokens(len(puzzle), spaced)
     n = math.ceil((answer + 1) / canvas_length) * canvas_length
     ids += [end_id] + [tokenizer.pad_token_id] * (n - answer - 1)
     fixed += [True] * (n - answer)
@@ -282,7 +293,7 @@ def solve(
         model: a loaded model.
         tokenizer: its tokenizer.
         puzzle: the grid.
-        style: "recipe" or "chat" prompt.
+        style: "recipe", "chat" or "toy" prompt (the toy's answer has no spaces).
         clamp: clamp the givens and the grid's frame (else the model writes everything
             on ceil(162 / canvas_length) canvases, as Google's eval does).
         digits_only: with `clamp`, limit the empty cells to 1-9.
@@ -305,10 +316,16 @@ def solve(
             turn_end = tokenizer.encode("<turn|>")
             end = turn_end[0] if len(turn_end) == 1 and turn_end[0] in eos else end
         kwargs["layout"] = answer_layout(
-            tokenizer, puzzle, C, model.args.vocab_size, end, digits_only=digits_only
+            tokenizer,
+            puzzle,
+            C,
+            model.args.vocab_size,
+            end,
+            digits_only=digits_only,
+            spaced=spaced_answer(style),
         )
     else:
-        answer = answer_tokens(len(parse_grid(puzzle)))
+        answer = answer_tokens(len(parse_grid(puzzle)), spaced_answer(style))
         kwargs.setdefault("max_tokens", math.ceil((answer + 1) / C) * C)
     text, last = [], None
     for last in stream_generate(model, tokenizer, ids, **kwargs):

@@ -319,10 +319,15 @@ def test_sudoku_6x6_layout_and_ar_baseline(tokenizer):
     puzzle = "460200500004120306340520604102013065"
     solution = "461253532614125346346521654132213465"
     assert S.hardness(puzzle) == "easy" and S.answer_tokens(36) == 71
+    assert S.answer_tokens(36, spaced=False) == 36 and not S.spaced_answer("toy")
     assert S.score(" ".join(solution), puzzle, solution) == S.Score(1.0, 15 / 36, 1.0, 1.0, 1.0)
+    assert S.score(solution, puzzle, solution).exact == 1.0
     assert S.prompt_ids(tokenizer, puzzle, "toy") == [2] + tokenizer.encode(puzzle + "|")
-    lay = S.answer_layout(tokenizer, puzzle, 72, 16, 1, digits_only=True)
-    assert len(lay.ids) == 72 and sum(not f for f in lay.fixed) == 15
+    spaced = S.answer_layout(tokenizer, puzzle, 72, 16, 1, digits_only=True)
+    assert len(spaced.ids) == 72 and tokenizer.decode(spaced.ids[:71]) == " ".join(puzzle)
+    lay = S.answer_layout(tokenizer, puzzle, 40, 16, 1, digits_only=True, spaced=False)
+    assert len(lay.ids) == 40 and sum(not f for f in lay.fixed) == 15
+    assert tokenizer.decode(lay.ids[:36]) == puzzle and lay.ids[36] == 1
     allowed = np.nonzero(np.array(lay.token_masks[0]))[0].tolist()
     assert tokenizer.decode(allowed) == "123456"
     model = init_model(small_config(), seed=3)
@@ -330,14 +335,14 @@ def test_sudoku_6x6_layout_and_ar_baseline(tokenizer):
     out = ar_generate(
         model,
         S.prompt_ids(tokenizer, puzzle, "toy"),
-        72,
+        37,
         (1,),
         fixed,
         [None if f else allowed for f in lay.fixed],
     )
-    text = tokenizer.decode(out[:71])
-    assert [text[2 * i] for i in range(36) if puzzle[i] != "0"] == [c for c in puzzle if c != "0"]
-    assert all(text[2 * i] in "123456" for i in range(36)) and out[71] == 1
+    text = tokenizer.decode(out[:36])
+    assert [text[i] for i in range(36) if puzzle[i] != "0"] == [c for c in puzzle if c != "0"]
+    assert all(c in "123456" for c in text) and out[36] == 1
 
 
 def test_dense_experts_chosen_for_wide_few_experts_on_cpu():
