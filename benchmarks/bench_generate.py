@@ -50,6 +50,7 @@ FAST_VARIANTS = {
     "monotone": {**_OFF, "monotone_commit": True},
     "confidence": {**_OFF, "commit_rule": "confidence"},
     "canvas_shrink": {**_OFF, "canvas_shrink": 64},
+    "eos_tail_cut": {**_OFF, "monotone_commit": True, "eos_tail_cut": True},
 }
 FAST_RUNTIMES = ",".join(
     ["mlx_diffgemma"]

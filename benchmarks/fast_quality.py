@@ -36,8 +36,10 @@ SETTINGS = {
     "monotone_commit": {**OFF, "monotone_commit": True},
     "commit_rule=confidence": {**OFF, "commit_rule": "confidence"},
     "canvas_shrink=64": {**OFF, "canvas_shrink": 64},
+    "monotone + eos_tail_cut": {**OFF, "monotone_commit": True, "eos_tail_cut": True},
     "fast (default)": {"mode": "fast"},
     "fast + confidence": {"mode": "fast", "commit_rule": "confidence"},
+    "fast + eos_tail_cut": {"mode": "fast", "eos_tail_cut": True},
 }
 
 
@@ -104,6 +106,8 @@ def evaluate(path: Path, a):
     print(f"{'setting':28} {'metric':34} {'fwd/canvas':>10} {'wall s':>7}")
     reference = None
     for name, kw in settings(a.k).items():
+        if a.only and name not in a.only:
+            continue
         config = resolve_config(model, max_denoising_steps=a.steps, **kw)
         if puzzles is None:
             config = config.replace(eos_token_id=())
@@ -126,6 +130,7 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=64, help="k of top_k and self_conditioning_top_k")
+    p.add_argument("--only", type=lambda s: s.split(","), help="comma-separated setting names")
     a = p.parse_args()
     for path in a.model:
         evaluate(path, a)

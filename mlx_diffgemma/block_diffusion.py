@@ -250,6 +250,8 @@ class _Loop:
             state, accepted = self.update(state, proposal, self.draws.noise(state.canvas.shape))
             if cfg.monotone_commit:
                 state = S.commit(state, accepted)
+            if cfg.eos_tail_cut and self.eos.size:
+                state = S.cut_eos_tail(state, self.eos, cfg.pad_token_id)
             return state, accepted
 
     def propose(self, logits, temp, allowed, steps_left) -> S.Proposal:

@@ -21,6 +21,7 @@ FAST_SETTINGS = {
     "commit_threshold": (0.9, 0.9),
     "monotone_commit": (False, True),
     "canvas_shrink": (0, 64),
+    "eos_tail_cut": (False, False),
 }
 
 
@@ -65,6 +66,10 @@ class DiffusionConfig:
             max_new_tokens has max(canvas_shrink, tokens left) positions instead of the
             model's canvas_length (mlx-vlm's default; changes semantics: the model sees a
             shorter canvas); 0: off. Fast value 64.
+        eos_tail_cut: fast mode, with monotone_commit: once a row commits an EOS, the
+            positions after it are fixed at pad_token_id (changes semantics: the model
+            sees pad instead of noise there, and the canvas stops once the tokens before
+            the EOS are decided). Fast value False (see benchmarks/README.md).
     """
 
     max_new_tokens: int = 256
@@ -83,6 +88,7 @@ class DiffusionConfig:
     commit_threshold: Optional[float] = None
     monotone_commit: Optional[bool] = None
     canvas_shrink: Optional[int] = None
+    eos_tail_cut: Optional[bool] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -135,8 +141,9 @@ class DiffusionConfig:
         v = self.commit_threshold
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             fail("commit_threshold", "a number in (0, 1]")
-        if not isinstance(self.monotone_commit, bool):
-            fail("monotone_commit", "True or False")
+        for name in ("monotone_commit", "eos_tail_cut"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
         if self.mode == "exact":
             for name, values in FAST_SETTINGS.items():
                 if getattr(self, name) != values[0]:
@@ -144,6 +151,10 @@ class DiffusionConfig:
                         f"{name}={getattr(self, name)!r} is a fast-mode approximation; "
                         "pass mode='fast' (CLI: --mode fast) with it."
                     )
+        if self.eos_tail_cut and not self.monotone_commit:
+            raise ValueError(
+                "eos_tail_cut=True needs monotone_commit=True (it cuts after a committed EOS)."
+            )
 
     @classmethod
     def from_generation_config(cls, gen: Dict[str, Any]) -> "DiffusionConfig":

@@ -32,6 +32,7 @@ SAMPLER_FLAGS = {
     "--commit-threshold": "commit_threshold",
     "--monotone-commit": "monotone_commit",
     "--canvas-shrink": "canvas_shrink",
+    "--eos-tail-cut": "eos_tail_cut",
 }
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
@@ -146,6 +147,12 @@ def sampler_options(command):
             default=None,
             help="Fast mode: a last canvas past --max-tokens has max(N, tokens left) "
             "positions (0: off).",
+        ),
+        click.option(
+            "--eos-tail-cut/--no-eos-tail-cut",
+            default=None,
+            help="Fast mode (with monotone commit): positions after a committed EOS are "
+            "fixed at pad.",
         ),
     ]
     for option in reversed(options):

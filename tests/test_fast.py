@@ -185,3 +185,66 @@ def test_canvas_shrink_cuts_the_last_canvas_to_the_tokens_left():
         mx.array([[2, 9]]), model, config=cfg.replace(canvas_shrink=5), key=mx.random.key(0)
     )
     assert [b.tokens.shape[1] for b in blocks] == [8, 5]
+
+
+def test_eos_tail_cut_fixes_pad_after_a_committed_eos():
+    eos, pad = mx.array([1, 7]), 0
+    fixed = mx.array([[True, True, False, False], [False, True, False, False], [True] * 4])
+    ids = mx.array([[5, 1, 0, 0], [0, 3, 0, 0], [5, 7, 6, 6]])
+    state = _state(fixed)._replace(
+        canvas=mx.array([[5, 1, 9, 9], [9, 3, 1, 9], [5, 7, 6, 6]]),
+        argmax=mx.array([[5, 1, 8, 8], [8, 3, 1, 8], [5, 7, 6, 6]]),
+        fixed_ids=ids,
+        done=mx.array([False, False, True]),
+    )
+    out = S.cut_eos_tail(state, eos, pad)
+    # Row 0: committed EOS at 1, the tail is fixed pad and the row stops; row 1: its EOS
+    # is only sampled (not committed), nothing changes; row 2 had stopped already.
+    assert out.canvas.tolist() == [[5, 1, 0, 0], [9, 3, 1, 9], [5, 7, 6, 6]]
+    assert out.fixed.tolist() == [[True] * 4, [False, True, False, False], [True] * 4]
+    assert out.fixed_ids.tolist()[0] == [5, 1, 0, 0] and out.argmax.tolist()[0] == [5, 1, 0, 0]
+    assert out.done.tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="eos_tail_cut=True needs monotone_commit=True"):
+        DiffusionConfig(mode="fast", monotone_commit=False, eos_tail_cut=True)
+    with pytest.raises(ValueError, match="eos_tail_cut=True is a fast-mode approximation"):
+        DiffusionConfig(eos_tail_cut=True)
+
+
+def test_eos_tail_cut_end_to_end(tiny_checkpoint):
+    model = random_tiny_model()
+    cfg = DiffusionConfig(max_new_tokens=8, max_denoising_steps=6, mode="fast", entropy_bound=2.0)
+
+    def first_step(config):
+        steps = generate_step(
+            mx.array([[2, 9]]), model, config=config, key=mx.random.key(0), drafts=True
+        )
+        return next(e for e in steps if isinstance(e, DenoiseStep))
+
+    # Call the first token this step commits (before the last position) the EOS: with the
+    # cut, the same step (same draws) then fixes pad after it, in the input and the draft.
+    d = first_step(cfg)
+    j = d.accepted.tolist()[0][:-1].index(True)
+    eos = d.canvas.tolist()[0][j]
+    cut = first_step(cfg.replace(eos_token_id=eos, eos_tail_cut=True))
+    assert cut.canvas.tolist()[0][: j + 1] == d.canvas.tolist()[0][: j + 1]
+    assert cut.canvas.tolist()[0][j + 1 :] == [cfg.pad_token_id] * (7 - j)
+    assert cut.argmax.tolist()[0][j + 1 :] == [cfg.pad_token_id] * (7 - j)
+    result = CliRunner().invoke(
+        generate_command,
+        ["--model", str(tiny_checkpoint), "-p", "Hi", "--mode", "fast", "--eos-tail-cut"],
+    )
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(
+        generate_command,
+        [
+            "--model",
+            str(tiny_checkpoint),
+            "-p",
+            "Hi",
+            "--mode",
+            "fast",
+            "--eos-tail-cut",
+            "--no-monotone-commit",
+        ],
+    )
+    assert result.exit_code != 0 and "needs monotone_commit=True" in result.stderr
