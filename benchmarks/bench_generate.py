@@ -51,6 +51,10 @@ FAST_VARIANTS = {
     "confidence": {**_OFF, "commit_rule": "confidence"},
     "canvas_shrink": {**_OFF, "canvas_shrink": 64},
     "eos_tail_cut": {**_OFF, "monotone_commit": True, "eos_tail_cut": True},
+    "commit_argmax": {**_OFF, "monotone_commit": True, "commit_argmax": True},
+    "fast+commit_argmax": {"mode": "fast", "commit_argmax": True},
+    "commit_stable": {**_OFF, "monotone_commit": True, "commit_stable": True},
+    "fast+commit_stable": {"mode": "fast", "commit_stable": True},
 }
 FAST_RUNTIMES = ",".join(
     ["mlx_diffgemma"]

@@ -2,7 +2,9 @@
 
     python benchmarks/fast_quality.py --model PATH [PATH ...] [--limit 100] [--steps 48]
 
-A model folder with a `test.csv` (`puzzle,solution`, e.g. the trainer's Sudoku toy) is
+With `--data FILE.jsonl` (mlx-lm's completions format, e.g. the LoRA demo's test set) a
+model is scored on exact match: the prompt through the chat template, the output up to
+EOS equal to the completion ("exact"). Else, a model folder with a `test.csv` (`puzzle,solution`, e.g. the trainer's Sudoku toy) is
 scored on the task: its toy prompt (`<bos>`, the grid's digits, `|`), the model writes the
 grid; "solved" is the fraction of puzzles whose last digits equal the solution, "cells"
 the fraction of empty cells filled right. Any other model (e.g. a random shape or tiny
@@ -15,6 +17,7 @@ Columns: setting, the metric, mean denoising steps (forwards) per row and canvas
 
 import argparse
 import csv
+import json
 import re
 import sys
 import time
@@ -37,9 +40,15 @@ SETTINGS = {
     "commit_rule=confidence": {**OFF, "commit_rule": "confidence"},
     "canvas_shrink=64": {**OFF, "canvas_shrink": 64},
     "monotone + eos_tail_cut": {**OFF, "monotone_commit": True, "eos_tail_cut": True},
+    "monotone + commit_argmax": {**OFF, "monotone_commit": True, "commit_argmax": True},
+    "monotone + commit_stable": {**OFF, "monotone_commit": True, "commit_stable": True},
     "fast (default)": {"mode": "fast"},
     "fast + confidence": {"mode": "fast", "commit_rule": "confidence"},
     "fast + eos_tail_cut": {"mode": "fast", "eos_tail_cut": True},
+    "fast + commit_argmax": {"mode": "fast", "commit_argmax": True},
+    "fast + argmax + eos_cut": {"mode": "fast", "commit_argmax": True, "eos_tail_cut": True},
+    "fast + commit_stable": {"mode": "fast", "commit_stable": True},
+    "fast + stable + eos_cut": {"mode": "fast", "commit_stable": True, "eos_tail_cut": True},
 }
 
 
@@ -72,6 +81,23 @@ def sudoku_metric(tokenizer, tokens, puzzles):
     return {"solved": solved / len(puzzles), "cells": cells / len(puzzles)}
 
 
+def read_jsonl(path: Path, tokenizer, limit: int):
+    """(prompt ids, completions) of a completions-format file."""
+    rows = [json.loads(line) for line in open(path) if line.strip()][:limit]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}]) for r in rows
+    ]
+    return prompts, [r["completion"] for r in rows]
+
+
+def exact_metric(tokenizer, tokens, eos, completions):
+    hits = 0
+    for row, want in zip(tokens.tolist(), completions):
+        end = next((i for i, t in enumerate(row) if t in eos), len(row))
+        hits += tokenizer.decode(row[:end], skip_special_tokens=True) == want
+    return {"exact": hits / len(completions)}
+
+
 def settings(k: int):
     """SETTINGS with `k` for the two top-k settings (e.g. below a toy's vocabulary)."""
     out = {}
@@ -80,7 +106,7 @@ def settings(k: int):
         for key in ("top_k", "self_conditioning_top_k"):
             if kw.get(key):
                 kw[key] = k
-        if kw.get("mode") == "fast" and len(kw) <= 2:  # the fast presets
+        if kw.get("mode") == "fast" and "top_k" not in kw:  # the fast presets
             kw.update(top_k=k, self_conditioning_top_k=k)
         out[name.replace("top_k=64", f"top_k={k}")] = kw
     return out
@@ -89,7 +115,12 @@ def settings(k: int):
 def evaluate(path: Path, a):
     model, tokenizer = load(path)
     test = path / "test.csv"
-    if test.exists():
+    completions = None
+    if a.data:
+        prompts, completions = read_jsonl(a.data, tokenizer, a.limit)
+        puzzles = None
+        kind = f"exact match, {len(prompts)} examples of {a.data}"
+    elif test.exists():
         puzzles = read_csv(test, a.limit)
         bos = tokenizer.bos_token_id
         prompts = [[bos] + tokenizer.encode(p.replace(".", "0") + "|") for p, _ in puzzles]
@@ -109,12 +140,14 @@ def evaluate(path: Path, a):
         if a.only and name not in a.only:
             continue
         config = resolve_config(model, max_denoising_steps=a.steps, **kw)
-        if puzzles is None:
+        if puzzles is None and completions is None:
             config = config.replace(eos_token_id=())
         tic = time.perf_counter()
         tokens, fwd = run(model, prompts, config, a.seed)
         wall = time.perf_counter() - tic
-        if puzzles is not None:
+        if completions is not None:
+            metric = exact_metric(tokenizer, tokens, config.eos_token_id, completions)
+        elif puzzles is not None:
             metric = sudoku_metric(tokenizer, tokens, puzzles)
         else:
             reference = tokens if reference is None else reference
@@ -130,6 +163,7 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=64, help="k of top_k and self_conditioning_top_k")
+    p.add_argument("--data", type=Path, help="completions-format test .jsonl to score")
     p.add_argument("--only", type=lambda s: s.split(","), help="comma-separated setting names")
     a = p.parse_args()
     for path in a.model:

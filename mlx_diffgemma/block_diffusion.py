@@ -247,9 +247,10 @@ class _Loop:
             proposal = self.propose(logits, temp, allowed, mx.array(n, mx.int32))
             cond = proposal.probs if proposal.conditioning is None else proposal.conditioning
             state = state if state.probs is not None else state._replace(probs=cond)
+            previous = state.argmax if cfg.commit_stable else None
             state, accepted = self.update(state, proposal, self.draws.noise(state.canvas.shape))
             if cfg.monotone_commit:
-                state = S.commit(state, accepted)
+                state = S.commit(state, accepted, cfg.commit_argmax, previous)
             if cfg.eos_tail_cut and self.eos.size:
                 state = S.cut_eos_tail(state, self.eos, cfg.pad_token_id)
             return state, accepted

@@ -20,6 +20,8 @@ FAST_SETTINGS = {
     "commit_rule": ("entropy_bound", "entropy_bound"),
     "commit_threshold": (0.9, 0.9),
     "monotone_commit": (False, True),
+    "commit_argmax": (False, False),
+    "commit_stable": (False, False),
     "canvas_shrink": (0, 64),
     "eos_tail_cut": (False, False),
 }
@@ -62,6 +64,14 @@ class DiffusionConfig:
         commit_threshold: the "confidence" rule's threshold, in (0, 1]. Default 0.9.
         monotone_commit: fast mode: an accepted position is fixed for the rest of the
             canvas (changes semantics: transformers' sampler may revise it). Fast value True.
+        commit_argmax: fast mode, with monotone_commit: commit each accepted position's
+            argmax instead of its sample (a temperature-0 commit, as mlx-vlm's default;
+            changes semantics: transformers' output is the last step's argmax, which a
+            committed sample need not be). Fast value False.
+        commit_stable: fast mode, with monotone_commit: commit only accepted positions
+            whose argmax equals the previous step's (so nothing is committed at a canvas'
+            first step, and the self-conditioned step can revise a token once; changes
+            semantics like monotone_commit, less). Fast value False.
         canvas_shrink: fast mode: with no layout, a canvas that would run past
             max_new_tokens has max(canvas_shrink, tokens left) positions instead of the
             model's canvas_length (mlx-vlm's default; changes semantics: the model sees a
@@ -87,6 +97,8 @@ class DiffusionConfig:
     commit_rule: Optional[str] = None
     commit_threshold: Optional[float] = None
     monotone_commit: Optional[bool] = None
+    commit_argmax: Optional[bool] = None
+    commit_stable: Optional[bool] = None
     canvas_shrink: Optional[int] = None
     eos_tail_cut: Optional[bool] = None
 
@@ -141,7 +153,7 @@ class DiffusionConfig:
         v = self.commit_threshold
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             fail("commit_threshold", "a number in (0, 1]")
-        for name in ("monotone_commit", "eos_tail_cut"):
+        for name in ("monotone_commit", "commit_argmax", "commit_stable", "eos_tail_cut"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.mode == "exact":
@@ -151,10 +163,13 @@ class DiffusionConfig:
                         f"{name}={getattr(self, name)!r} is a fast-mode approximation; "
                         "pass mode='fast' (CLI: --mode fast) with it."
                     )
-        if self.eos_tail_cut and not self.monotone_commit:
-            raise ValueError(
-                "eos_tail_cut=True needs monotone_commit=True (it cuts after a committed EOS)."
-            )
+        for name, why in (
+            ("eos_tail_cut", "it cuts after a committed EOS"),
+            ("commit_argmax", "it chooses what is committed"),
+            ("commit_stable", "it chooses what is committed"),
+        ):
+            if getattr(self, name) and not self.monotone_commit:
+                raise ValueError(f"{name}=True needs monotone_commit=True ({why}).")
 
     @classmethod
     def from_generation_config(cls, gen: Dict[str, Any]) -> "DiffusionConfig":

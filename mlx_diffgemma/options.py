@@ -31,6 +31,8 @@ SAMPLER_FLAGS = {
     "--commit-rule": "commit_rule",
     "--commit-threshold": "commit_threshold",
     "--monotone-commit": "monotone_commit",
+    "--commit-argmax": "commit_argmax",
+    "--commit-stable": "commit_stable",
     "--canvas-shrink": "canvas_shrink",
     "--eos-tail-cut": "eos_tail_cut",
 }
@@ -140,6 +142,17 @@ def sampler_options(command):
             "--monotone-commit/--no-monotone-commit",
             default=None,
             help="Fast mode: accepted tokens stay fixed for the rest of the canvas.",
+        ),
+        click.option(
+            "--commit-argmax/--no-commit-argmax",
+            default=None,
+            help="Fast mode (with monotone commit): commit the argmax, not the sample.",
+        ),
+        click.option(
+            "--commit-stable/--no-commit-stable",
+            default=None,
+            help="Fast mode (with monotone commit): commit only tokens whose argmax did not "
+            "change since the previous step.",
         ),
         click.option(
             "--canvas-shrink",

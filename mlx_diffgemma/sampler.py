@@ -193,8 +193,16 @@ def make_accept(config) -> Accept:
     return EntropyBound(config.entropy_bound)
 
 
-def commit(state: StepState, accepted: mx.array) -> StepState:
-    """Monotone commit (fast mode): accepted positions become fixed at their sample.
+def commit(
+    state: StepState,
+    accepted: mx.array,
+    use_argmax: bool = False,
+    previous: Optional[mx.array] = None,
+) -> StepState:
+    """Monotone commit (fast mode): accepted positions become fixed at their sample (or,
+    with `use_argmax`, at the step's argmax, as a temperature-0 sampler would commit).
+    With `previous` (the draft before this step), only accepted positions whose argmax
+    did not change are committed: the self-conditioned step gets to revise a token once.
 
     Later steps keep them (zero entropy, never renoised), so, unlike transformers'
     sampler, a token once accepted is never revised. Rows that stopped are unchanged; a
@@ -202,13 +210,20 @@ def commit(state: StepState, accepted: mx.array) -> StepState:
     instead of one step later by the stability test.
     """
     accepted = accepted & ~state.done[:, None]
+    if previous is not None:
+        accepted = accepted & (state.argmax == previous)
     fixed = state.fixed | accepted
-    ids = mx.where(accepted, state.canvas, state.fixed_ids)
-    # The draft shows the committed samples from now on (the stop test compares it).
-    argmax = mx.where(accepted, state.canvas, state.argmax)
+    token = state.argmax if use_argmax else state.canvas
+    ids = mx.where(accepted, token, state.fixed_ids)
+    # The input and the draft show the committed tokens from now on (the stop test
+    # compares the draft).
+    canvas = mx.where(accepted, token, state.canvas)
+    argmax = mx.where(accepted, token, state.argmax)
     history = state.history[:-1] + (argmax,) if state.history else state.history
     done = state.done | mx.all(fixed, axis=-1)
-    return state._replace(argmax=argmax, history=history, done=done, fixed=fixed, fixed_ids=ids)
+    return state._replace(
+        canvas=canvas, argmax=argmax, history=history, done=done, fixed=fixed, fixed_ids=ids
+    )
 
 
 def cut_eos_tail(state: StepState, eos_ids: mx.array, pad_id: int) -> StepState:

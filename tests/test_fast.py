@@ -248,3 +248,43 @@ def test_eos_tail_cut_end_to_end(tiny_checkpoint):
         ],
     )
     assert result.exit_code != 0 and "needs monotone_commit=True" in result.stderr
+
+
+def test_commit_argmax_and_commit_stable_choose_what_is_committed():
+    fixed = mx.zeros((1, 4), dtype=mx.bool_)
+    state = _state(fixed)._replace(canvas=mx.array([[5, 6, 7, 8]]), argmax=mx.array([[1, 6, 3, 8]]))
+    accepted = mx.array([[True, True, True, False]])
+    sample = S.commit(state, accepted)
+    assert sample.fixed_ids.tolist() == [[5, 6, 7, 0]] and sample.canvas.tolist() == [[5, 6, 7, 8]]
+    greedy = S.commit(state, accepted, use_argmax=True)
+    assert greedy.fixed_ids.tolist() == [[1, 6, 3, 0]]
+    assert greedy.canvas.tolist() == [[1, 6, 3, 8]] and greedy.argmax.tolist() == [[1, 6, 3, 8]]
+    # Only positions whose argmax is unchanged since the previous step are committed.
+    stable = S.commit(state, accepted, use_argmax=True, previous=mx.array([[1, 2, 3, 8]]))
+    assert stable.fixed.tolist() == [[True, False, True, False]]
+    with pytest.raises(ValueError, match="commit_stable=True needs monotone_commit=True"):
+        DiffusionConfig(mode="fast", monotone_commit=False, commit_stable=True)
+
+
+def test_commit_stable_commits_nothing_at_the_first_step():
+    model = random_tiny_model()
+    cfg = DiffusionConfig(
+        max_new_tokens=8, max_denoising_steps=4, mode="fast", entropy_bound=50.0, commit_stable=True
+    )
+    steps = generate_step(mx.array([[2, 9]]), model, config=cfg, key=mx.random.key(0), drafts=True)
+    first = next(e for e in steps if isinstance(e, DenoiseStep))
+    # Everything is accepted (a huge bound), so a plain monotone commit would stop here.
+    assert first.accepted.all()
+    plain = generate_step(
+        mx.array([[2, 9]]),
+        model,
+        config=cfg.replace(commit_stable=False),
+        key=mx.random.key(0),
+    )
+    assert (
+        next(plain).steps == 1
+        and next(
+            iter(generate_step(mx.array([[2, 9]]), model, config=cfg, key=mx.random.key(0)))
+        ).steps
+        >= 2
+    )
