@@ -1,13 +1,10 @@
 """Train a tiny DiffusionGemma from scratch on 6x6 Sudoku with the fine-tuning objective.
 
-    # the shipped toy (two stages; with the OpenBLAS preload of PERFORMANCE.md, 44 min here)
-    python benchmarks/sudoku_toy.py --out stage1 --iters 1800 --hidden-size 64 --layers 3 \
-        --batch-size 16 --learning-rate 3e-3 --base-puzzles 1500
-    python benchmarks/sudoku_toy.py --out examples/sudoku_toy --init-from stage1 --iters 1300 \
-        --hidden-size 64 --layers 3 --batch-size 16 --learning-rate 2e-3 --base-puzzles 1500 \
-        --givens 18,26 --seed 1       # (the shipped test.csv is stage 1's: 15-22 givens)
+    # the shipped toy (with the OpenBLAS preload of PERFORMANCE.md, 78 min here)
+    python benchmarks/sudoku_toy.py --out examples/sudoku_toy --iters 2500 --hidden-size 128 \
+        --layers 4 --batch-size 32 --learning-rate 2e-3 --base-puzzles 3000 --givens 12,24
     python benchmarks/sudoku.py --model examples/sudoku_toy --puzzles examples/sudoku_toy/test.csv \
-        --prompt-format toy --digits-only --steps 1,2,4,8,16,48
+        --prompt-format toy --digits-only --steps 1,2,4,8,16,48 --ar
 
 Puzzles: 6x6 grids with 2x3 boxes, generated with unique solutions (random full grid by
 backtracking, then cells removed in random order while the solution stays unique, down

@@ -364,10 +364,25 @@ def test_shipped_sudoku_toy_solves_offline():
 
     folder = Path(__file__).resolve().parents[1] / "examples" / "sudoku_toy"
     model, tokenizer = load(folder)
-    puzzle, solution = S.load_puzzles(folder / "test.csv", limit=1)[0]
-    text, last = S.solve(
-        model, tokenizer, puzzle, style="toy", digits_only=True, seed=0, max_denoising_steps=4
-    )
-    score = S.score(text, puzzle, solution)
-    assert score.givens_exact == 1.0 and S.extract(text, 36) is not None
-    assert last.finish_reason == "stop"
+
+    def solved(steps):
+        scores = []
+        for i, (puzzle, solution) in enumerate(S.load_puzzles(folder / "test.csv", limit=10)):
+            text, last = S.solve(
+                model,
+                tokenizer,
+                puzzle,
+                style="toy",
+                digits_only=True,
+                seed=i,
+                max_denoising_steps=steps,
+            )
+            assert last.finish_reason == "stop"
+            scores.append(S.score(text, puzzle, solution))
+        assert all(s.givens_exact == 1.0 for s in scores)
+        return sum(s.exact for s in scores), sum(s.blank for s in scores) / len(scores)
+
+    # The README's table on these 10 unseen puzzles: 9 solved at 16 steps (blanks 0.96).
+    exact16, blank16 = solved(16)
+    assert exact16 >= 7 and blank16 >= 0.85
+    assert solved(1)[0] < exact16  # accuracy rises with denoising steps
