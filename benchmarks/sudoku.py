@@ -21,13 +21,15 @@ and a token with a digit in it shifts Google's "last 81 digits" extraction.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mlx_diffgemma import load
 from mlx_diffgemma import sudoku as S
+from mlx_diffgemma.config import DiffusionConfig  # noqa: E402
 
 DEFAULT_STEPS = (1, 4, 12, 16, 48)
 
@@ -43,8 +45,10 @@ def sweep(
     digits_only: bool = False,
     seed: int = 0,
     verbose: bool = False,
+    settings: Optional[Dict] = None,
 ) -> List[Dict]:
-    """One row per step cap: the summary of `sudoku.summarize`, steps used and tok/s."""
+    """One row per step cap: the summary of `sudoku.summarize`, steps used and tok/s.
+    `settings` are further sampler settings (e.g. fast mode's)."""
     rows = []
     for n in steps:
         scores, used, tokens, seconds = [], [], 0, 0.0
@@ -58,6 +62,7 @@ def sweep(
                 digits_only=digits_only,
                 seed=seed + i,
                 max_denoising_steps=n,
+                **(settings or {}),
             )
             s = S.score(text, puzzle, solution)
             scores.append(s)
@@ -147,6 +152,21 @@ def _steps(value: str) -> List[int]:
     return steps
 
 
+def _setting(text: str):
+    """NAME=VALUE, the value read as a bool, int, float or else kept as text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--set {text!r} is not NAME=VALUE; e.g. --set mode=fast.")
+    if value in ("True", "true", "False", "false"):
+        return name, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -178,6 +198,13 @@ def main(argv=None):
         action="store_true",
         help="Add the AR baseline: the same weights decoded by their encoder.",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="A sampler setting (DiffusionConfig field), e.g. mode=fast or top_k=4; repeatable.",
+    )
     p.add_argument("--json", help="Also write the rows to this JSON file.")
     p.add_argument("--verbose", action="store_true", help="Print every answer.")
     args = p.parse_args(argv)
@@ -186,6 +213,11 @@ def main(argv=None):
     if args.limit is not None and args.limit < 1:
         p.error(f"--limit must be at least 1 (got {args.limit}).")
     try:
+        settings = dict(_setting(kv) for kv in args.set)
+        unknown = set(settings) - {f.name for f in dataclasses.fields(DiffusionConfig)}
+        if unknown:
+            raise ValueError(f"--set {sorted(unknown)[0]}: not a DiffusionConfig setting.")
+        DiffusionConfig(**settings)  # a bad value fails here, with its one-line reason
         puzzles = S.load_puzzles(args.puzzles, args.limit) if args.puzzles else list(S.PUZZLES)
         model, tokenizer = load(args.model)
     except (OSError, ValueError) as e:
@@ -198,6 +230,7 @@ def main(argv=None):
         f"Sudoku: {len(puzzles)} puzzles (easy {counts['easy']}, medium {counts['medium']}, "
         f"hard {counts['hard']}) | prompt {args.prompt_format} | {mode} | "
         f"canvas {model.args.canvas_length} | seed {args.seed} | {args.model}"
+        + "".join(f" | {k}={v}" for k, v in settings.items())
     )
     tic = time.perf_counter()
     rows = sweep(
@@ -210,6 +243,7 @@ def main(argv=None):
         digits_only=args.digits_only,
         seed=args.seed,
         verbose=args.verbose,
+        settings=settings,
     )
     if args.ar:
         rows.append(
