@@ -43,12 +43,14 @@ SETTINGS = {
     "monotone + commit_argmax": {**OFF, "monotone_commit": True, "commit_argmax": True},
     "monotone + commit_stable": {**OFF, "monotone_commit": True, "commit_stable": True},
     "fast (default)": {"mode": "fast"},
+    "fast w/o monotone_commit": {"mode": "fast", "monotone_commit": False},
     "fast + confidence": {"mode": "fast", "commit_rule": "confidence"},
     "fast + eos_tail_cut": {"mode": "fast", "eos_tail_cut": True},
     "fast + commit_argmax": {"mode": "fast", "commit_argmax": True},
     "fast + argmax + eos_cut": {"mode": "fast", "commit_argmax": True, "eos_tail_cut": True},
     "fast + commit_stable": {"mode": "fast", "commit_stable": True},
     "fast + stable + eos_cut": {"mode": "fast", "commit_stable": True, "eos_tail_cut": True},
+    "fast + commit_stable + argmax": {"mode": "fast", "commit_stable": True, "commit_argmax": True},
 }
 
 
