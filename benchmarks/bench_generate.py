@@ -45,6 +45,7 @@ _OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=Fal
 FAST_VARIANTS = {
     "fast": {"mode": "fast"},
     "fast+confidence": {"mode": "fast", "commit_rule": "confidence"},
+    "fast_no_monotone": {"mode": "fast", "monotone_commit": False},
     "top_k": {**_OFF, "top_k": 64},
     "sc_top_k": {**_OFF, "self_conditioning_top_k": 64},
     "monotone": {**_OFF, "monotone_commit": True},
