@@ -28,6 +28,20 @@ SHAPES = {
         sliding_window=1024,
         canvas_length=256,
     ),
+    # A small trained-toy-sized MoE (the batch benchmark's): width 128, canvas 40.
+    "moe128": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        global_head_dim=64,
+        num_global_key_value_heads=1,
+        sliding_window=256,
+        canvas_length=40,
+    ),
     "tiny": dict(
         vocab_size=512,
         hidden_size=64,
