@@ -43,8 +43,8 @@ def ours(path: Path, ids, steps: int, tokens: int) -> float:
     cfg = cfg.replace(eos_token_id=())
 
     def run(seed):
-        out = [b for b in generate_step(mx.array(ids), model, config=cfg, key=mx.random.key(seed))]
-        blocks = [b for b in out if isinstance(b, Block)]
+        events = generate_step(mx.array(ids), model, config=cfg, key=mx.random.key(seed))
+        blocks = [b for b in events if isinstance(b, Block)]
         assert all(b.steps == steps for b in blocks) and len(blocks) * 40 == tokens
         mx.eval(blocks[-1].tokens)
 

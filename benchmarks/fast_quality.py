@@ -2,10 +2,10 @@
 
     python benchmarks/fast_quality.py --model PATH [PATH ...] [--limit 100] [--steps 48]
 
-With `--data FILE.jsonl` (mlx-lm's completions format, e.g. the LoRA demo's test set) a
-model is scored on exact match: the prompt through the chat template, the output up to
-EOS equal to the completion ("exact"). Else, a model folder with a `test.csv` (`puzzle,solution`, e.g. the trainer's Sudoku toy) is
-scored on the task: its toy prompt (`<bos>`, the grid's digits, `|`), the model writes the
+With `--data FILE.jsonl` (mlx-lm's chat, completions or text format, read as the trainer
+reads it; e.g. the LoRA demo's test set) a model is scored on exact match: the output up
+to EOS equal to the answer's ids ("exact"). Else, a model folder with a `test.csv`
+(`puzzle,solution`, e.g. the trainer's Sudoku toy) is scored on the task: its toy prompt (`<bos>`, the grid's digits, `|`), the model writes the
 grid; "solved" is the fraction of puzzles whose last digits equal the solution, "cells"
 the fraction of empty cells filled right. Any other model (e.g. a random shape or tiny
 checkpoint) is scored by agreement with exact mode's output for the same seed (the
@@ -17,7 +17,6 @@ Columns: setting, the metric, mean denoising steps (forwards) per row and canvas
 
 import argparse
 import csv
-import json
 import re
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_diffgemma import load  # noqa: E402
 from mlx_diffgemma.block_diffusion import Block, generate_step  # noqa: E402
 from mlx_diffgemma.generate import resolve_config  # noqa: E402
+from mlx_diffgemma.tuner.data import load_jsonl  # noqa: E402
 
 OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=False, canvas_shrink=0)
 SETTINGS = {
@@ -83,21 +83,13 @@ def sudoku_metric(tokenizer, tokens, puzzles):
     return {"solved": solved / len(puzzles), "cells": cells / len(puzzles)}
 
 
-def read_jsonl(path: Path, tokenizer, limit: int):
-    """(prompt ids, completions) of a completions-format file."""
-    rows = [json.loads(line) for line in open(path) if line.strip()][:limit]
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}]) for r in rows
-    ]
-    return prompts, [r["completion"] for r in rows]
-
-
-def exact_metric(tokenizer, tokens, eos, completions):
+def exact_metric(tokens, eos, answers):
+    """Fraction of rows whose ids up to the first EOS equal the answer's ids."""
     hits = 0
-    for row, want in zip(tokens.tolist(), completions):
+    for row, want in zip(tokens.tolist(), answers):
         end = next((i for i, t in enumerate(row) if t in eos), len(row))
-        hits += tokenizer.decode(row[:end], skip_special_tokens=True) == want
-    return {"exact": hits / len(completions)}
+        hits += row[:end] == want
+    return {"exact": hits / len(answers)}
 
 
 def settings(k: int):
@@ -119,7 +111,8 @@ def evaluate(path: Path, a):
     test = path / "test.csv"
     completions = None
     if a.data:
-        prompts, completions = read_jsonl(a.data, tokenizer, a.limit)
+        examples = load_jsonl(a.data, tokenizer)[: a.limit]
+        prompts, completions = [e.prompt for e in examples], [e.answer for e in examples]
         puzzles = None
         kind = f"exact match, {len(prompts)} examples of {a.data}"
     elif test.exists():
@@ -148,7 +141,7 @@ def evaluate(path: Path, a):
         tokens, fwd = run(model, prompts, config, a.seed)
         wall = time.perf_counter() - tic
         if completions is not None:
-            metric = exact_metric(tokenizer, tokens, config.eos_token_id, completions)
+            metric = exact_metric(tokens, config.eos_token_id, completions)
         elif puzzles is not None:
             metric = sudoku_metric(tokenizer, tokens, puzzles)
         else:

@@ -173,19 +173,18 @@ def main(argv=None):
     p.add_argument("--from-json", help="Print the table of an earlier --json run.")
     p.add_argument("--projection-only", action="store_true", help="Only the weight bytes.")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: layers,seq,ckpt
-    p.add_argument("--bytes", action="store_true", help=argparse.SUPPRESS)  # child: projection
     args = p.parse_args(argv)
     if args.one:
         layers, seq, gc = (int(x) for x in args.one.split(","))
         print(json.dumps(one_run(layers, seq, bool(gc))))
         return
-    if args.bytes or args.projection_only:
+    if args.projection_only:
         print(json.dumps(projection_bytes()))
         return
     if args.from_json:
         print_table(json.loads(Path(args.from_json).read_text()))
         return
-    results = {"projection": child("--bytes"), "rows": []}
+    results = {"projection": child("--projection-only"), "rows": []}
     for seq in (int(s) for s in args.seq.split(",")):
         for gc in (0, 1):
             runs = {str(n): child("--one", f"{n},{seq},{gc}") for n in (1, 2)}

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from mlx_diffgemma import load
 from mlx_diffgemma import sudoku as S
-from mlx_diffgemma.config import DiffusionConfig  # noqa: E402
+from mlx_diffgemma.config import DiffusionConfig
 
 DEFAULT_STEPS = (1, 4, 12, 16, 48)
 
