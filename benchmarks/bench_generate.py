@@ -18,9 +18,10 @@ runtime does the same work: canvases x steps denoising forwards plus the re-enco
 Columns: prompt tokens, canvases, denoising steps per canvas, tokens per forward, ms per
 denoising step (generation time / steps, re-encodes included), ms per re-encode (where the
 runtime exposes it), generated tok/s, work tok/s (canvas positions x steps / s), peak memory
-(MLX allocator; process RSS for torch) and host syncs per step (measured for this port;
+(MLX allocator; process RSS for torch), host syncs per step (measured for this port;
 for mlx-vlm read from its source: one `.item()` per step for the stability test, one more
-on steps where it holds).
+on steps where it holds), decoder forwards, canvas positions forwarded, distinct decoder
+input widths (compiled shapes; compaction's buckets) and full-vocabulary passes per step.
 
 On Linux CPU the OpenBLAS preload (shared/docs/PERFORMANCE.md §3.4) is set for every child
 unless --no-openblas. mlx-vlm runs in its own venv (--mlx-vlm-python); see benchmarks/README.md.
@@ -42,20 +43,24 @@ from shape_checkpoint import build  # noqa: E402
 
 MLX_VLM_SOURCE_SYNCS = "1-2 (source)"
 _OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=False, canvas_shrink=0)
+_M = {"mode": "fast", "monotone_commit": True}
 FAST_VARIANTS = {
     "fast": {"mode": "fast"},
     "fast+confidence": {"mode": "fast", "commit_rule": "confidence"},
-    "fast_no_monotone": {"mode": "fast", "monotone_commit": False},
     "top_k": {**_OFF, "top_k": 64},
     "sc_top_k": {**_OFF, "self_conditioning_top_k": 64},
     "monotone": {**_OFF, "monotone_commit": True},
     "confidence": {**_OFF, "commit_rule": "confidence"},
     "canvas_shrink": {**_OFF, "canvas_shrink": 64},
+    "repair": {**_OFF, "repair": 1},
     "eos_tail_cut": {**_OFF, "monotone_commit": True, "eos_tail_cut": True},
     "commit_argmax": {**_OFF, "monotone_commit": True, "commit_argmax": True},
-    "fast+commit_argmax": {"mode": "fast", "commit_argmax": True},
     "commit_stable": {**_OFF, "monotone_commit": True, "commit_stable": True},
-    "fast+commit_stable": {"mode": "fast", "commit_stable": True},
+    "fast+monotone": _M,
+    "fast+monotone+compact": {**_M, "compact": True},
+    "fast+monotone+repair": {**_M, "repair": 1},
+    "fast+monotone+stable+repair": {**_M, "commit_stable": True, "repair": 1},
+    "fast+monotone+compact+repair": {**_M, "compact": True, "repair": 1},
 }
 FAST_RUNTIMES = ",".join(
     ["mlx_diffgemma"]
@@ -119,6 +124,8 @@ def row(r, canvas_length, label):
         if syncs is not None
         else (MLX_VLM_SOURCE_SYNCS if r["peer"] == "mlx-vlm" else "n/a"),
         "forwards": r.get("forwards", steps),
+        "positions": r.get("positions_forwarded", canvas_length * steps),
+        "shapes": r.get("forward_shapes", "-"),
         "V passes/step": r.get("vocab_passes", "-"),
     }
 
@@ -147,6 +154,15 @@ def main():
     p.add_argument("--fast", action="store_true", help=f"--runtimes {FAST_RUNTIMES}")
     p.add_argument("--mlx-vlm-python", default=os.environ.get("MLX_VLM_PYTHON", sys.executable))
     p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument(
+        "--prompt", help="text after <bos>, tokenized by the checkpoint (e.g. a trained toy's)"
+    )
+    p.add_argument(
+        "--eos",
+        action="store_true",
+        help="keep the checkpoint's EOS and early stops (a trained checkpoint): runtimes then "
+        "run the steps their samplers choose",
+    )
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="denoising steps per canvas")
     p.add_argument("--repeats", type=int, default=2)
@@ -164,19 +180,25 @@ def main():
     vocab = config["text_config"]["vocab_size"]
     lo = min(1000, vocab // 4)  # ordinary text ids, clear of the special tokens
     prompt = [2] + [(7919 * i + 13) % (vocab - lo) + lo for i in range(a.prompt_tokens - 1)]
+    if a.prompt is not None:
+        from mlx_diffgemma.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(path)
+        prompt = [tokenizer.bos_token_id] + tokenizer.encode(a.prompt)
     settings = dict(
         max_new_tokens=a.max_new_tokens,
         max_denoising_steps=a.steps,
         seed=a.seed,
-        eos_token_ids=[],  # random weights: run every canvas in every runtime
         warmup=True,
     )
+    if not a.eos:
+        settings["eos_token_ids"] = []  # random weights: run every canvas in every runtime
     runtimes = (FAST_RUNTIMES if a.fast else a.runtimes).split(",")
     python = {"mlx_vlm": a.mlx_vlm_python}
     print(
         f"[INFO] {path.name}: hidden {config['text_config']['hidden_size']}, vocab {vocab}, "
         f"{config['text_config']['num_hidden_layers']} layers, {config['text_config']['num_experts']} "
-        f"experts; prompt {a.prompt_tokens}, {a.max_new_tokens} new tokens, {a.steps} steps/canvas, "
+        f"experts; prompt {len(prompt)}, {a.max_new_tokens} new tokens, {a.steps} steps/canvas, "
         f"OpenBLAS {'off' if a.no_openblas else 'on'}",
         flush=True,
     )

@@ -12,7 +12,8 @@ checkpoint) is scored by agreement with exact mode's output for the same seed (t
 fraction of output tokens equal); on a random model that only says how far each setting
 moves the output, not whether it is worse. All prompts of a model run as one batch.
 
-Columns: setting, the metric, mean denoising steps (forwards) per row and canvas, wall s.
+Columns: setting, the metric, mean denoising steps (forwards) and canvas positions
+forwarded per row and canvas, wall s.
 """
 
 import argparse
@@ -32,6 +33,7 @@ from mlx_diffgemma.generate import resolve_config  # noqa: E402
 from mlx_diffgemma.tuner.data import load_jsonl  # noqa: E402
 
 OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=False, canvas_shrink=0)
+M = {"mode": "fast", "monotone_commit": True}  # fast mode with monotone commit
 SETTINGS = {
     "exact": {},
     "top_k=64": {**OFF, "top_k": 64},
@@ -39,18 +41,25 @@ SETTINGS = {
     "monotone_commit": {**OFF, "monotone_commit": True},
     "commit_rule=confidence": {**OFF, "commit_rule": "confidence"},
     "canvas_shrink=64": {**OFF, "canvas_shrink": 64},
+    "repair=1": {**OFF, "repair": 1},
     "monotone + eos_tail_cut": {**OFF, "monotone_commit": True, "eos_tail_cut": True},
     "monotone + commit_argmax": {**OFF, "monotone_commit": True, "commit_argmax": True},
     "monotone + commit_stable": {**OFF, "monotone_commit": True, "commit_stable": True},
     "fast (default)": {"mode": "fast"},
-    "fast w/o monotone_commit": {"mode": "fast", "monotone_commit": False},
     "fast + confidence": {"mode": "fast", "commit_rule": "confidence"},
-    "fast + eos_tail_cut": {"mode": "fast", "eos_tail_cut": True},
-    "fast + commit_argmax": {"mode": "fast", "commit_argmax": True},
-    "fast + argmax + eos_cut": {"mode": "fast", "commit_argmax": True, "eos_tail_cut": True},
-    "fast + commit_stable": {"mode": "fast", "commit_stable": True},
-    "fast + stable + eos_cut": {"mode": "fast", "commit_stable": True, "eos_tail_cut": True},
-    "fast + commit_stable + argmax": {"mode": "fast", "commit_stable": True, "commit_argmax": True},
+    "fast + monotone (M)": M,
+    "M + confidence": {**M, "commit_rule": "confidence"},
+    "M + eos_tail_cut": {**M, "eos_tail_cut": True},
+    "M + commit_argmax": {**M, "commit_argmax": True},
+    "M + commit_stable": {**M, "commit_stable": True},
+    "M + stable + argmax": {**M, "commit_stable": True, "commit_argmax": True},
+    "M + compact": {**M, "compact": True},
+    "M + stable + compact": {**M, "commit_stable": True, "compact": True},
+    "M + repair": {**M, "repair": 1},
+    "M + repair=2": {**M, "repair": 2},
+    "M + compact + repair": {**M, "compact": True, "repair": 1},
+    "M + stable + repair": {**M, "commit_stable": True, "repair": 1},
+    "M + stable + compact + repair": {**M, "commit_stable": True, "compact": True, "repair": 1},
 }
 
 
@@ -61,15 +70,17 @@ def read_csv(path: Path, limit: int):
 
 
 def run(model, prompts, config, seed):
-    """Generated ids (B, T) and mean forwards per row and canvas."""
+    """Generated ids (B, T), mean forwards and positions forwarded per row and canvas."""
     blocks = [
         e
         for e in generate_step(mx.array(prompts), model, config=config, key=mx.random.key(seed))
         if isinstance(e, Block)
     ]
     tokens = mx.concatenate([b.tokens for b in blocks], axis=1)
-    forwards = blocks[-1].decoder_forwards.astype(mx.float32).mean().item() / len(blocks)
-    return tokens, forwards
+    last = blocks[-1]
+    forwards = last.decoder_forwards.astype(mx.float32).mean().item() / len(blocks)
+    positions = last.positions_forwarded.astype(mx.float32).mean().item() / len(blocks)
+    return tokens, forwards, positions
 
 
 def sudoku_metric(tokenizer, tokens, puzzles):
@@ -129,7 +140,7 @@ def evaluate(path: Path, a):
         puzzles = None
         kind = f"agreement with exact mode, {a.limit} prompts (random model: not a quality)"
     print(f"\n## {path}: {kind}, steps {a.steps or 'of the checkpoint'}, seed {a.seed}, k {a.k}")
-    print(f"{'setting':28} {'metric':34} {'fwd/canvas':>10} {'wall s':>7}")
+    print(f"{'setting':28} {'metric':34} {'fwd/canvas':>10} {'pos/canvas':>10} {'wall s':>7}")
     reference = None
     for name, kw in settings(a.k).items():
         if a.only and name not in a.only:
@@ -138,7 +149,7 @@ def evaluate(path: Path, a):
         if puzzles is None and completions is None:
             config = config.replace(eos_token_id=())
         tic = time.perf_counter()
-        tokens, fwd = run(model, prompts, config, a.seed)
+        tokens, fwd, pos = run(model, prompts, config, a.seed)
         wall = time.perf_counter() - tic
         if completions is not None:
             metric = exact_metric(tokens, config.eos_token_id, completions)
@@ -148,7 +159,7 @@ def evaluate(path: Path, a):
             reference = tokens if reference is None else reference
             metric = {"agree": mx.mean(tokens == reference).item()}
         text = ", ".join(f"{k} {v:.3f}" for k, v in metric.items())
-        print(f"{name:28} {text:34} {fwd:10.2f} {wall:7.1f}", flush=True)
+        print(f"{name:28} {text:34} {fwd:10.2f} {pos:10.1f} {wall:7.1f}", flush=True)
 
 
 def main():

@@ -615,6 +615,8 @@ def run_mlx_diffgemma(
     res["host_syncs_per_step"] = blocks[-1].step_syncs / steps
     res["host_syncs_per_encode"] = blocks[-1].encode_syncs / max(1, len(blocks) - 1)
     res["forwards"] = int(blocks[-1].decoder_forwards[0].item())
+    res["positions_forwarded"] = int(blocks[-1].positions_forwarded[0].item())
+    res["forward_shapes"] = blocks[-1].forward_shapes
     return res
 
 

@@ -4,7 +4,8 @@
    b. start a canvas from uniform random ids (fixed and seeded ids from a `CanvasLayout`);
    c. per denoising step: denoise, temperature, sample, argmax, accept (entropy bound by
       default), renoise the rest, stable-and-confident stop (fast mode: on each
-      position's top k tokens, gathered self-conditioning, monotone commit; see
+      position's top k tokens, gathered self-conditioning, optionally monotone commit,
+      compaction and a repair pass; see
       `DiffusionConfig`);
    d. append the argmax canvas; e. pad after EOS and stop when every row has ended.
 
@@ -54,6 +55,8 @@ class Block:
     denoise_seconds: float  # this canvas's denoising steps
     step_syncs: int  # device->host waits in denoising steps so far: one per step
     encode_syncs: int  # waits for re-encoded canvases so far: one per canvas after the first
+    positions_forwarded: mx.array  # (B,) int, canvas positions the decoder ran on so far
+    forward_shapes: int  # distinct decoder input widths so far (compaction: its buckets)
 
 
 _streams = {}
@@ -193,6 +196,12 @@ def generate_step(
             break
 
 
+def bucket(n: int, C: int) -> int:
+    """The forward width for n live positions of a C-position canvas (fast mode's
+    compaction): a power of two from 16 on, at most C, so MLX compiles few shapes."""
+    return min(C, max(16, 1 << max(0, n - 1).bit_length()))
+
+
 def _length(config: DiffusionConfig, block: int, C: int) -> int:
     """Canvas `block`'s length: C, or with fast mode's canvas_shrink the tokens left."""
     if not config.canvas_shrink:
@@ -211,6 +220,11 @@ class _Loop:
         self.eos = mx.array(config.eos_token_id or (), dtype=mx.int32)
         self.finished = mx.zeros((batch,), dtype=mx.bool_)
         self.forwards = mx.zeros((batch,), dtype=mx.int32)
+        self.positions_forwarded = mx.zeros((batch,), dtype=mx.int32)
+        self.shapes = set()  # decoder input widths used
+        # Compaction: the pending forward's canvas positions (B, n), the canvas K/V per
+        # layer, and the positions still to forward after this step.
+        self.active = self.canvas_kv = self.live = None
         self.step_syncs = self.encode_syncs = 0
         self.ended = False  # every row has emitted EOS (as of the last sync)
         self.last: Optional[mx.array] = None  # the previous canvas, not yet encoded
@@ -236,24 +250,51 @@ class _Loop:
         done = mx.zeros(self.finished.shape, dtype=mx.bool_)
         state = S.StepState(x, x, None, done, (blank,) * k, plan.fixed, plan.ids.astype(x.dtype))
         with mx.stream(self.stream):
+            if self.config.compact:
+                self.canvas_kv = None  # a new canvas: every position is forwarded
+                every = mx.broadcast_to(mx.arange(x.shape[1], dtype=mx.int32), x.shape)
+                return state, self.forward_active(x, None, every, cache)
+            self.shapes.add(x.shape[1])
             return state, self.model.denoise(x, cache, apply_softcap=False)
 
     def step(self, state: S.StepState, logits, allowed, n: int):
         """Build denoising step `n` (steps left) from `logits`: (next state, accepted)."""
         cfg = self.config
         with mx.stream(self.stream):
-            self.forwards = self.forwards + (~(state.done | self.finished)).astype(mx.int32)
+            running = (~(state.done | self.finished)).astype(mx.int32)
+            self.forwards = self.forwards + running
+            width = logits.shape[1]
+            self.positions_forwarded = self.positions_forwarded + running * width
             temp = S.temperature(n, cfg.max_denoising_steps, cfg.t_min, cfg.t_max)
+            if cfg.compact and allowed is not None:
+                B, C, V = state.canvas.shape + allowed.shape[-1:]
+                allowed = mx.take_along_axis(
+                    mx.broadcast_to(allowed, (B, C, V)), self.active[..., None], axis=1
+                )
             proposal = self.propose(logits, temp, allowed, mx.array(n, mx.int32))
+            if cfg.compact:
+                proposal = self.spread(proposal, state)
             cond = proposal.probs if proposal.conditioning is None else proposal.conditioning
             state = state if state.probs is not None else state._replace(probs=cond)
             previous = state.argmax if cfg.commit_stable else None
+            fixed_before = state.fixed
             state, accepted = self.update(state, proposal, self.draws.noise(state.canvas.shape))
             if cfg.monotone_commit:
                 state = S.commit(state, accepted, cfg.commit_argmax, previous)
             if cfg.eos_tail_cut and self.eos.size:
                 state = S.cut_eos_tail(state, self.eos, cfg.pad_token_id)
+            if cfg.compact:  # what was undecided before this step's commit
+                self.live = ~fixed_before & ~state.done[:, None]
             return state, accepted
+
+    def spread(self, proposal: S.Proposal, state: S.StepState) -> S.Proposal:
+        """Compaction: the forwarded positions' proposal over the whole canvas."""
+        cond = state.probs
+        if cond is None:  # the first step forwards every position
+            B, C = state.canvas.shape
+            H = proposal.conditioning.shape[-1]
+            cond = mx.zeros((B, C, H), proposal.conditioning.dtype)
+        return S.scatter_proposal(proposal, self.active, state, cond)
 
     def propose(self, logits, temp, allowed, steps_left) -> S.Proposal:
         """The step's statistics: one pass over the vocabulary (softcap, temperature, one
@@ -277,20 +318,39 @@ class _Loop:
         return self.model.gathered_self_conditioning(ids, weights)
 
     def sync(self, state: S.StepState):
-        """The one host sync per step: (tokens, first EOS, canvas stopped, every row ended)."""
+        """The one host sync per step: (tokens, first EOS, canvas stopped, every row
+        ended); with compaction also the most live positions of a row (else 0)."""
         with mx.stream(self.stream):
             tokens, first = S.pad_after_eos(state.argmax, self.eos, self.config.pad_token_id)
             first = mx.where(self.finished, -1, first)  # rows that ended get a canvas of pad
             ended = mx.all(self.finished | (first >= 0))
-            flags = mx.concatenate([mx.stack([mx.all(state.done), ended]).astype(mx.int32), first])
-        stop, ended, *eos_index = flags.tolist()
+            live = mx.array(0) if self.live is None else self.live.sum(axis=-1).max()
+            flags = mx.stack([mx.all(state.done), ended, live]).astype(mx.int32)
+            flags = mx.concatenate([flags, first])
+        stop, ended, live, *eos_index = flags.tolist()
         self.step_syncs += 1
         self.ended = bool(ended)
-        return tokens, first, eos_index, bool(stop)
+        return tokens, first, eos_index, bool(stop), live
 
-    def forward(self, state: S.StepState, cache) -> mx.array:
-        """The next step's logits, conditioned on this step's probabilities."""
+    def forward_active(self, ids, cond, positions, cache) -> mx.array:
+        """Compaction: the logits of canvas `positions` (B, n) holding `ids`, the other
+        positions seen through the canvas K/V of earlier steps (stale)."""
+        self.shapes.add(positions.shape[1])
+        self.active = positions
+        logits, self.canvas_kv = self.model.denoise_active(
+            ids, positions, cache, self.canvas_kv, cond
+        )
+        return logits
+
+    def forward(self, state: S.StepState, cache, live: int = 0) -> mx.array:
+        """The next step's logits, conditioned on this step's probabilities; with
+        compaction, of a bucket of positions holding the `live` ones of each row."""
         with mx.stream(self.stream):
+            if self.config.compact:
+                positions = S.active_positions(self.live, bucket(live, state.canvas.shape[1]))
+                ids = mx.take_along_axis(state.canvas, positions, axis=1)
+                cond = mx.take_along_axis(state.probs, positions[..., None], axis=1)
+                return self.forward_active(ids, cond, positions, cache)
             if self.config.self_conditioning_top_k:  # fast mode: the soft embedding itself
                 return self.model.denoise(
                     state.canvas,
@@ -302,6 +362,23 @@ class _Loop:
                 state.canvas, cache, self_conditioning_probs=state.probs, apply_softcap=False
             )
 
+    def repair(self, state: S.StepState, plan: CanvasPlan, cache) -> S.StepState:
+        """Fast mode's repair pass: one more forward of the whole canvas on its draft
+        (fresh K/V everywhere, the last conditioning), whose argmax becomes the draft;
+        the layout's fixed positions and token classes still hold."""
+        with mx.stream(self.stream):
+            running = (~self.finished).astype(mx.int32)
+            self.forwards = self.forwards + running
+            self.positions_forwarded = self.positions_forwarded + running * plan.ids.shape[1]
+            self.shapes.add(plan.ids.shape[1])
+            name = "embeddings" if self.config.self_conditioning_top_k else "probs"
+            soft = {f"self_conditioning_{name}": state.probs}
+            logits = self.model.denoise(state.argmax, cache, apply_softcap=False, **soft)
+            if plan.allowed is not None:
+                logits = mx.where(plan.allowed, logits, -mx.inf)
+            argmax = mx.where(plan.fixed, plan.ids, mx.argmax(logits, axis=-1))
+            return state._replace(argmax=argmax.astype(state.argmax.dtype))
+
     def canvas(self, block: int, plan: CanvasPlan, cache, drafts: bool):
         """Denoise one canvas; yields its `DenoiseStep`s if `drafts`, returns its `Block`."""
         encode_s = self.encode_last(cache)
@@ -312,17 +389,25 @@ class _Loop:
             state, accepted = self.step(state, logits, plan.allowed, n)
             mx.async_eval(state.canvas, state.argmax, state.probs, state.done, self.forwards)
             # Build the next step's forward while this one runs; it is only evaluated
-            # (and its random draws made) if the stop test below says to go on.
-            if n > 1:
+            # (and its random draws made) if the stop test below says to go on. With
+            # compaction its width is known only after the sync.
+            compact = self.config.compact
+            if n > 1 and not compact:
                 logits = self.forward(state, cache)
             if drafts:
                 yield DenoiseStep(block, N - n + 1, state.argmax, accepted, state.canvas)
-            tokens, first, eos_index, stop = self.sync(state)
+            tokens, first, eos_index, stop, live = self.sync(state)
             if stop:
                 break
+            if n > 1 and compact:
+                logits = self.forward(state, cache, live)
+        for _ in range(self.config.repair):
+            state = self.repair(state, plan, cache)
+            tokens, first, eos_index, _, _ = self.sync(state)
         tokens = mx.where(self.finished[:, None], self.config.pad_token_id, tokens)
         self.finished = self.finished | (first >= 0)
         self.last = tokens
         seconds = (encode_s, time.perf_counter() - tic)
         counts = (self.forwards, *seconds, self.step_syncs, self.encode_syncs)
+        counts += (self.positions_forwarded, len(self.shapes))
         return Block(block, tokens, N - n + 1, self.finished, tuple(eos_index), *counts)

@@ -19,11 +19,13 @@ FAST_SETTINGS = {
     "self_conditioning_top_k": (0, 64),
     "commit_rule": ("entropy_bound", "entropy_bound"),
     "commit_threshold": (0.9, 0.9),
-    "monotone_commit": (False, True),
+    "monotone_commit": (False, False),
     "commit_argmax": (False, False),
     "commit_stable": (False, False),
     "canvas_shrink": (0, 64),
     "eos_tail_cut": (False, False),
+    "compact": (False, False),
+    "repair": (0, 0),
 }
 
 
@@ -63,7 +65,9 @@ class DiffusionConfig:
             step: mlx-vlm's default; changes semantics). Fast value "entropy_bound".
         commit_threshold: the "confidence" rule's threshold, in (0, 1]. Default 0.9.
         monotone_commit: fast mode: an accepted position is fixed for the rest of the
-            canvas (changes semantics: transformers' sampler may revise it). Fast value True.
+            canvas (changes semantics: transformers' sampler may revise it). Saves steps
+            but costs accuracy on models that revise tokens (benchmarks/README.md), so
+            fast value False.
         commit_argmax: fast mode, with monotone_commit: commit each accepted position's
             argmax instead of its sample (a temperature-0 commit, as mlx-vlm's default;
             changes semantics: transformers' output is the last step's argmax, which a
@@ -80,6 +84,16 @@ class DiffusionConfig:
             positions after it are fixed at pad_token_id (changes semantics: the model
             sees pad instead of noise there, and the canvas stops once the tokens before
             the EOS are decided). Fast value False (see benchmarks/README.md).
+        compact: fast mode, with monotone_commit, top_k and self_conditioning_top_k:
+            active-set compaction: after a canvas' first step the decoder runs only on
+            the undecided positions and those decided at the last step (padded with
+            decided ones to a power of two from 16, so few shapes compile); the others
+            are seen through their K/V from the last step they were forwarded (changes
+            semantics: that K/V is stale). Fast value False.
+        repair: fast mode: after a canvas stops, this many more forwards of the whole
+            canvas on its draft (fresh K/V, the last step's conditioning); each one's
+            argmax is the new draft (mlx-vlm turbo's repair pass; changes semantics:
+            transformers' output is the last step's argmax). 0: off. Fast value 0.
     """
 
     max_new_tokens: int = 256
@@ -101,6 +115,8 @@ class DiffusionConfig:
     commit_stable: Optional[bool] = None
     canvas_shrink: Optional[int] = None
     eos_tail_cut: Optional[bool] = None
+    compact: Optional[bool] = None
+    repair: Optional[int] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -144,7 +160,7 @@ class DiffusionConfig:
         def fail(name, rule):
             raise ValueError(f"{name} must be {rule} (got {getattr(self, name)!r}).")
 
-        for name in ("top_k", "self_conditioning_top_k", "canvas_shrink"):
+        for name in ("top_k", "self_conditioning_top_k", "canvas_shrink", "repair"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 fail(name, "an integer >= 0 (0: off)")
@@ -153,7 +169,13 @@ class DiffusionConfig:
         v = self.commit_threshold
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             fail("commit_threshold", "a number in (0, 1]")
-        for name in ("monotone_commit", "commit_argmax", "commit_stable", "eos_tail_cut"):
+        for name in (
+            "monotone_commit",
+            "commit_argmax",
+            "commit_stable",
+            "eos_tail_cut",
+            "compact",
+        ):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.mode == "exact":
@@ -167,9 +189,15 @@ class DiffusionConfig:
             ("eos_tail_cut", "it cuts after a committed EOS"),
             ("commit_argmax", "it chooses what is committed"),
             ("commit_stable", "it chooses what is committed"),
+            ("compact", "it forwards the positions not committed"),
         ):
             if getattr(self, name) and not self.monotone_commit:
                 raise ValueError(f"{name}=True needs monotone_commit=True ({why}).")
+        if self.compact and not (self.top_k and self.self_conditioning_top_k):
+            raise ValueError(
+                "compact=True needs top_k > 0 and self_conditioning_top_k > 0 "
+                f"(got {self.top_k} and {self.self_conditioning_top_k})."
+            )
 
     @classmethod
     def from_generation_config(cls, gen: Dict[str, Any]) -> "DiffusionConfig":

@@ -6,7 +6,7 @@ Module and parameter names follow transformers' checkpoint keys so weights load 
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -245,6 +245,32 @@ class Attention(nn.Module):
             o = attend_canvas(q, k, v, cached_kv(cache))
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    def rope_at(self, x, offsets):
+        """RoPE of x (B, n, heads, D) at per-position `offsets` (B, n); (B, heads, n, D)."""
+        B, n, h, D = x.shape
+        x = self.rope(x.reshape(B * n, 1, h, D).swapaxes(1, 2), offset=offsets.reshape(-1))
+        return x.reshape(B, n, h, D).transpose(0, 2, 1, 3)
+
+    def attend_active(self, x, cache, positions, canvas_kv):
+        """Attention of canvas positions `positions` (B, n) only, with the other canvas
+        positions' K/V taken from `canvas_kv` (each (B, Hkv, C, D); None when x is the
+        whole canvas in order). Returns (output, canvas K/V with these positions' fresh).
+        """
+        B, n, _ = x.shape
+        offsets = cache.offset + positions
+        q = self.q_proj(x).reshape(B, n, self.n_heads, self.head_dim)
+        q = self.rope_at(self.q_norm(q), offsets)
+        k = self.k_proj(x).reshape(B, n, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(k.shape) if self.is_sliding else k
+        k = self.rope_at(self.k_norm(k), offsets)
+        v = rms_norm_no_scale(v, self.eps).transpose(0, 2, 1, 3)
+        if canvas_kv is not None:
+            idx = mx.broadcast_to(positions[:, None, :, None], k.shape)
+            k = mx.put_along_axis(canvas_kv[0], idx, k, axis=2)
+            v = mx.put_along_axis(canvas_kv[1], idx, v, axis=2)
+        o = attend_canvas(q, k, v, cached_kv(cache))
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, n, -1)), (k, v)
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -344,6 +370,14 @@ class DecoderLayer(nn.Module):
         r = x + self.post_attention_layernorm(h)
         ffn = self.feed_forward if encode else self._compiled_feed_forward
         return ffn(r) * layer_scalar
+
+    def denoise_active(self, x, cache, positions, canvas_kv):
+        """The decoder layer on canvas positions `positions` only (`Attention.attend_active`)."""
+        h, canvas_kv = self.self_attn.attend_active(
+            self.input_layernorm(x), cache, positions, canvas_kv
+        )
+        r = x + self.post_attention_layernorm(h)
+        return self._compiled_feed_forward(r) * self.layer_scalar, canvas_kv
 
 
 class SelfConditioning(nn.Module):
@@ -552,6 +586,34 @@ class Model(nn.Module):
             return logits
         cap = self.args.final_logit_softcapping
         return mx.tanh(logits / cap) * cap
+
+    def denoise_active(
+        self,
+        ids: mx.array,
+        positions: mx.array,
+        cache: List[Any],
+        canvas_kv: Optional[List[Any]],
+        self_conditioning_embeddings: Optional[mx.array] = None,
+    ) -> Tuple[mx.array, List[Any]]:
+        """`denoise` of canvas positions `positions` (B, n) only, holding `ids` (B, n):
+        fast mode's active-set compaction. Returns their logits before the softcap
+        (B, n, V) and the canvas K/V per layer, with these positions' K/V fresh.
+
+        The other canvas positions are seen through `canvas_kv` (from an earlier call):
+        their K/V is stale, an approximation (it changes the logits); with every
+        position given and `canvas_kv` None this is `denoise` exactly (up to the
+        order of floating-point sums). `self_conditioning_embeddings` (B, n, H) as in
+        `denoise`.
+        """
+        text = self.model.decoder
+        x = embed_scaled(text.embed_tokens, ids, self.embed_scale)
+        x = text.self_conditioning(x, self_conditioning_embeddings)
+        canvas_kv = canvas_kv or [None] * len(text.layers)
+        fresh = []
+        for layer, c, kv in zip(text.layers, cache, canvas_kv):
+            x, kv = layer.denoise_active(x, c, positions, kv)
+            fresh.append(kv)
+        return text.embed_tokens.as_linear(text.norm(x)).astype(mx.float32), fresh
 
     __call__ = denoise
 

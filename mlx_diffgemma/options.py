@@ -35,6 +35,8 @@ SAMPLER_FLAGS = {
     "--commit-stable": "commit_stable",
     "--canvas-shrink": "canvas_shrink",
     "--eos-tail-cut": "eos_tail_cut",
+    "--compact": "compact",
+    "--repair": "repair",
 }
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
@@ -111,7 +113,7 @@ def sampler_options(command):
             type=click.Choice(["exact", "fast"]),
             default=None,
             help="exact: transformers' sampler; fast: an approximation (the settings below "
-            "default to top-k 64, gathered self-conditioning, monotone commit, canvas shrink 64).  "
+            "default to top-k 64, gathered self-conditioning, canvas shrink 64).  "
             "[default: exact]",
         ),
         click.option(
@@ -166,6 +168,19 @@ def sampler_options(command):
             default=None,
             help="Fast mode (with monotone commit): positions after a committed EOS are "
             "fixed at pad.",
+        ),
+        click.option(
+            "--compact/--no-compact",
+            default=None,
+            help="Fast mode (with monotone commit and both top-k): forward only the "
+            "undecided positions; decided ones keep their last K/V.",
+        ),
+        click.option(
+            "--repair",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Fast mode: this many extra full forwards after a canvas stops; the last "
+            "one's argmax is the output (0: off).",
         ),
     ]
     for option in reversed(options):

@@ -249,6 +249,44 @@ def cut_eos_tail(state: StepState, eos_ids: mx.array, pad_id: int) -> StepState:
     )
 
 
+def scatter_proposal(
+    proposal: Proposal, positions: mx.array, state: StepState, conditioning: mx.array
+) -> Proposal:
+    """A proposal for positions `positions` (B, n) only, spread over the whole canvas
+    (fast mode's active-set compaction); `conditioning` (B, C, H) holds the other
+    positions' soft embeddings (their last ones).
+
+    The other positions must be decided (fixed) or in rows that stopped, which
+    `step_update` keeps as they are: so what they get here (no entropy, the state's
+    argmax and canvas, zero probabilities) is never read.
+    """
+    B, C = state.canvas.shape
+
+    def put(full, part):
+        idx = positions.reshape(*positions.shape, *([1] * (part.ndim - 2)))
+        idx = mx.broadcast_to(idx, part.shape)
+        return mx.put_along_axis(full, idx, part.astype(full.dtype), axis=1)
+
+    k = proposal.probs.shape[-1]
+    return proposal._replace(
+        probs=put(mx.zeros((B, C, k), proposal.probs.dtype), proposal.probs),
+        entropy=put(mx.zeros((B, C), proposal.entropy.dtype), proposal.entropy),
+        argmax=put(state.argmax, proposal.argmax),
+        sampled=put(state.canvas, proposal.sampled),
+        conditioning=put(conditioning, proposal.conditioning),
+    )
+
+
+def active_positions(live: mx.array, n: int) -> mx.array:
+    """(B, n) canvas positions to forward (fast mode's active-set compaction), in canvas
+    order: each row's `live` (B, C) positions, and the first decided ones to fill the
+    bucket of n (at least the most live positions of any row). In canvas order, a
+    bucket of the whole canvas forwards it as is (same draws as without compaction)."""
+    C = live.shape[-1]
+    order = mx.arange(C) + mx.where(live, 0, C)
+    return mx.sort(mx.argsort(order, axis=-1)[:, :n], axis=-1).astype(mx.int32)
+
+
 def step_update(
     state: StepState, proposal: Proposal, noise: mx.array, accept: Accept, confidence_threshold
 ) -> Tuple[StepState, mx.array]:

@@ -54,10 +54,10 @@ TINY_GENERATION_CONFIG = {
 }
 
 
-def random_tiny_model(seed: int = 0) -> Model:
+def random_tiny_model(seed: int = 0, canvas_length: int = 8) -> Model:
     """Random weights; norms and scalars around 1."""
     mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict(TINY_CONFIG))
+    model = Model(ModelArgs.from_dict({**TINY_CONFIG, "canvas_length": canvas_length}))
     model.load_weights(
         [
             (k, mx.random.normal(v.shape) * 0.5 + (1.0 if "norm" in k or "scal" in k else 0.0))

@@ -7,7 +7,8 @@ from conftest import random_tiny_model
 
 from mlx_diffgemma import sampler as S
 from mlx_diffgemma import topk as T
-from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step
+from mlx_diffgemma.block_diffusion import Block, DenoiseStep, _Loop, bucket, generate_step, prefill
+from mlx_diffgemma.canvas import CanvasLayout
 from mlx_diffgemma.config import DiffusionConfig
 from mlx_diffgemma.generate import generate, generate_command, resolve_config
 
@@ -35,7 +36,9 @@ def test_mode_fills_the_settings_not_given(tiny):
     exact = resolve_config(model)
     assert (exact.mode, exact.top_k, exact.monotone_commit) == ("exact", 0, False)
     fast = resolve_config(model, mode="fast", top_k=8)
-    assert (fast.top_k, fast.self_conditioning_top_k, fast.monotone_commit) == (8, 64, True)
+    assert (fast.top_k, fast.self_conditioning_top_k, fast.canvas_shrink) == (8, 64, 64)
+    # Monotone commit and what builds on it cost accuracy: opt-in (benchmarks/README.md).
+    assert not (fast.monotone_commit or fast.compact or fast.repair)
     back = fast.replace(mode="exact")
     assert back == exact
     # A checkpoint's own top_k (transformers' sampling option) never turns fast mode on.
@@ -124,6 +127,7 @@ def test_monotone_commit_never_revises_an_accepted_token():
         max_new_tokens=8,
         max_denoising_steps=10,
         mode="fast",
+        monotone_commit=True,
         entropy_bound=2.0,
     )
     drafts = [
@@ -212,7 +216,13 @@ def test_eos_tail_cut_fixes_pad_after_a_committed_eos():
 
 def test_eos_tail_cut_end_to_end(tiny_checkpoint):
     model = random_tiny_model()
-    cfg = DiffusionConfig(max_new_tokens=8, max_denoising_steps=6, mode="fast", entropy_bound=2.0)
+    cfg = DiffusionConfig(
+        max_new_tokens=8,
+        max_denoising_steps=6,
+        mode="fast",
+        monotone_commit=True,
+        entropy_bound=2.0,
+    )
 
     def first_step(config):
         steps = generate_step(
@@ -231,7 +241,8 @@ def test_eos_tail_cut_end_to_end(tiny_checkpoint):
     assert cut.argmax.tolist()[0][j + 1 :] == [cfg.pad_token_id] * (7 - j)
     result = CliRunner().invoke(
         generate_command,
-        ["--model", str(tiny_checkpoint), "-p", "Hi", "--mode", "fast", "--eos-tail-cut"],
+        ["--model", str(tiny_checkpoint), "-p", "Hi", "--mode", "fast", "--monotone-commit"]
+        + ["--eos-tail-cut"],
     )
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(
@@ -269,7 +280,12 @@ def test_commit_argmax_and_commit_stable_choose_what_is_committed():
 def test_commit_stable_commits_nothing_at_the_first_step():
     model = random_tiny_model()
     cfg = DiffusionConfig(
-        max_new_tokens=8, max_denoising_steps=4, mode="fast", entropy_bound=50.0, commit_stable=True
+        max_new_tokens=8,
+        max_denoising_steps=4,
+        mode="fast",
+        entropy_bound=50.0,
+        monotone_commit=True,
+        commit_stable=True,
     )
     steps = generate_step(mx.array([[2, 9]]), model, config=cfg, key=mx.random.key(0), drafts=True)
     first = next(e for e in steps if isinstance(e, DenoiseStep))
@@ -288,3 +304,119 @@ def test_commit_stable_commits_nothing_at_the_first_step():
         ).steps
         >= 2
     )
+
+
+def _encoded(model, B=1, L=11):
+    cache = model.make_cache()
+    prefill(model, mx.random.randint(0, model.args.vocab_size, (B, L), key=mx.random.key(1)), cache)
+    return cache
+
+
+def test_denoise_active_is_denoise_where_the_kv_is_fresh():
+    model = random_tiny_model()
+    cache, C, V = _encoded(model, B=2), model.args.canvas_length, model.args.vocab_size
+    x, y = mx.random.randint(0, V, (2, 2, C), key=mx.random.key(2))
+    full = model.denoise(x, cache, apply_softcap=False)
+    every = mx.broadcast_to(mx.arange(C), (2, C))
+    logits, kv = model.denoise_active(x, every, cache, None)
+    assert mx.allclose(logits, full, atol=1e-5)
+    sub = mx.array([[3, 0, 7, 5], [1, 2, 6, 4]])
+    part, _ = model.denoise_active(mx.take_along_axis(x, sub, 1), sub, cache, kv)
+    want = mx.take_along_axis(full, sub[..., None], 1)
+    assert mx.allclose(part, want, atol=1e-5)
+    # The other positions' K/V from another canvas (stale) moves the logits.
+    _, stale = model.denoise_active(y, every, cache, None)
+    moved, _ = model.denoise_active(mx.take_along_axis(x, sub, 1), sub, cache, stale)
+    assert not mx.allclose(moved, want, atol=1e-3)
+
+
+def test_buckets_bound_the_shapes():
+    assert [bucket(n, 256) for n in (1, 16, 17, 33, 100, 129, 256)] == [
+        16,
+        16,
+        32,
+        64,
+        128,
+        256,
+        256,
+    ]
+    assert [bucket(n, 40) for n in (1, 17, 33, 40)] == [16, 32, 40, 40]
+    live = mx.array([[False, True, False, True], [True, True, True, False]])
+    assert S.active_positions(live, 3).tolist() == [[0, 1, 3], [0, 1, 2]]
+
+
+def _blocks(model, config, prompt, seed=0):
+    steps = generate_step(prompt, model, config=config, key=mx.random.key(seed))
+    return [e for e in steps if isinstance(e, Block)]
+
+
+def test_compaction_within_one_bucket_changes_nothing():
+    model = random_tiny_model()  # canvas 8 < the smallest bucket: every position is forwarded
+    cfg = DiffusionConfig(
+        max_new_tokens=16, max_denoising_steps=6, mode="fast", top_k=8, monotone_commit=True
+    )
+    prompt = mx.array([[2, 9, 4]] * 2)
+    plain, compact = _blocks(model, cfg, prompt), _blocks(model, cfg.replace(compact=True), prompt)
+    for a, b in zip(plain, compact):
+        assert mx.array_equal(a.tokens, b.tokens) and a.steps == b.steps
+        assert mx.array_equal(a.positions_forwarded, b.positions_forwarded)
+
+
+def test_compaction_forwards_only_live_positions_in_bucket_shapes():
+    model = random_tiny_model(canvas_length=40)
+    cfg = DiffusionConfig(
+        max_new_tokens=80,
+        max_denoising_steps=10,
+        mode="fast",
+        top_k=8,
+        monotone_commit=True,
+        entropy_bound=3.0,
+    )
+    prompt = mx.array([[2, 9, 4]])
+    plain, compact = _blocks(model, cfg, prompt), _blocks(model, cfg.replace(compact=True), prompt)
+    assert plain[-1].forward_shapes == 1
+    forwards = compact[-1].decoder_forwards.item()
+    positions = compact[-1].positions_forwarded.item()
+    # The first step of each canvas forwards all 40, the later ones a bucket of 16/32/40.
+    assert 2 * 40 + (forwards - 2) * 16 <= positions < forwards * 40
+    assert 2 <= compact[-1].forward_shapes <= 3
+    assert [b.tokens.shape for b in compact] == [(1, 40)] * 2
+    with pytest.raises(ValueError, match="compact=True needs top_k > 0 and self_conditioning"):
+        DiffusionConfig(mode="fast", monotone_commit=True, compact=True, top_k=0)
+    with pytest.raises(ValueError, match="compact=True needs monotone_commit=True"):
+        DiffusionConfig(mode="fast", compact=True)
+
+
+def test_repair_is_one_more_forward_whose_argmax_is_the_draft():
+    model = random_tiny_model()
+    cfg = DiffusionConfig(max_new_tokens=8, max_denoising_steps=3, mode="fast", repair=1)
+    C, V, H = model.args.canvas_length, model.args.vocab_size, model.args.hidden_size
+    cache = _encoded(model)
+    loop = _Loop(model, cfg, S.RandomDraws(mx.random.key(0), V), S.make_accept(cfg), 1)
+    layout = CanvasLayout(ids=(0, 0, 77), fixed=(False, False, True))
+    plan = layout.plan(0, C)
+    draft = mx.random.randint(0, V, (1, C), key=mx.random.key(3))
+    cond = mx.random.normal((1, C, H), key=mx.random.key(4))
+    free = mx.zeros((1, C), mx.bool_)
+    state = S.StepState(draft, draft, cond, mx.array([False]), (), free, draft)
+    out = loop.repair(state, plan, cache)
+    logits = model.denoise(draft, cache, self_conditioning_embeddings=cond)
+    want = mx.argmax(logits, axis=-1)
+    assert out.argmax.tolist()[0] == want.tolist()[0][:2] + [77] + want.tolist()[0][3:]
+    assert loop.forwards.tolist() == [1] and loop.positions_forwarded.tolist() == [C]
+    prompt = mx.array([[2, 9]])
+    plain, repaired = _blocks(model, cfg.replace(repair=0), prompt), _blocks(model, cfg, prompt)
+    assert repaired[0].decoder_forwards.item() == plain[0].decoder_forwards.item() + 1
+
+
+def test_cli_compact_and_repair(tiny_checkpoint):
+    def run(*args):
+        argv = ["--model", str(tiny_checkpoint), "-p", "Hi", "--seed", "0", "--mode", "fast"]
+        return CliRunner().invoke(generate_command, argv + list(args))
+
+    ok = run("--monotone-commit", "--compact", "--repair", "1")
+    assert ok.exit_code == 0, ok.output
+    bad = run("--monotone-commit", "--compact", "--self-conditioning-top-k", "0")
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
+    assert "compact=True needs top_k > 0" in bad.stderr.splitlines()[-1]
+    assert run("--repair", "-1").exit_code == 2

@@ -124,6 +124,10 @@ def test_fast_mode_is_a_request_field(oai, tiny, tok):
     model, _ = tiny
     expected = generate(model, tok, messages, max_tokens=16, seed=1, mode="fast")
     assert r.choices[0].message.content == expected
+    settings = {"monotone_commit": True, "repair": 1, "top_k": 8}
+    r = _chat(oai, "Why is the sky blue?", extra_body={"mode": "fast", **settings})
+    expected = generate(model, tok, messages, max_tokens=16, seed=1, mode="fast", **settings)
+    assert r.choices[0].message.content == expected
 
 
 def test_chat_streaming_matches_non_streaming(oai):

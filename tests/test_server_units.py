@@ -115,6 +115,12 @@ def test_tool_text_held_until_parsed():
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "mode": "turbo"}, "mode"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_k": 8}, "top_k"),
+        ({"messages": [{"role": "user", "content": "x"}], "mode": "fast", "repair": -1}, "repair"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "mode": "fast", "compact": 1},
+            "compact",
+        ),
         ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
         (
             {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
@@ -287,3 +293,12 @@ def test_main_bad_model_and_adapter_exit_with_one_line(tmp_path, tiny_checkpoint
     assert str(e.value.code).startswith("Error:") and "adapter" in str(e.value.code).lower()
     with pytest.raises(SystemExit):
         main(["--model", str(tiny_checkpoint), "--queue-size", "0"])
+
+
+def test_fast_settings_are_request_fields():
+    body = {"messages": [{"role": "user", "content": "x"}], "mode": "fast", "top_k": 8}
+    req = parse_chat({**body, "monotone_commit": True, "repair": 1})
+    assert req.fast_settings == {"top_k": 8, "monotone_commit": True, "repair": 1}
+    with pytest.raises(RequestError) as e:
+        parse_chat({**body, "commit_stable": True, "monotone_commit": False})
+    assert e.value.param == "commit_stable" and "needs monotone_commit=True" in str(e.value)

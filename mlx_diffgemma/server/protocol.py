@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..config import MODES
+from ..config import FAST_SETTINGS, MODES, DiffusionConfig
 
 GREEDY_TEMPERATURE = 1e-3
 THINKING_EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
@@ -62,12 +62,14 @@ class GenRequest:
     max_denoising_steps: Optional[int] = None
     entropy_bound: Optional[float] = None
     mode: Optional[str] = None  # "exact" (default) or "fast" (DiffusionConfig.mode)
+    # Fast mode's settings given (DiffusionConfig's names: top_k, repair, ...).
+    fast_settings: Dict[str, Any] = field(default_factory=dict)
     include_drafts: bool = False
 
 
 # Fields every endpoint takes, and the diffusion extensions.
 _COMMON = {"model", "max_tokens", "stream", "seed", "temperature", "metadata", "user"}
-_DIFFUSION = {"max_denoising_steps", "entropy_bound", "include_drafts", "mode"}
+_DIFFUSION = {"max_denoising_steps", "entropy_bound", "include_drafts", "mode", *FAST_SETTINGS}
 # Known fields this model cannot honour unless they hold the neutral value.
 _NEUTRAL = {
     "top_p": (None, 1, 1.0),
@@ -80,13 +82,11 @@ _NEUTRAL = {
     "parallel_tool_calls": (None, True),
     "echo": (None, False),
     "best_of": (None, 1),
-    "top_k": (None,),
     "service_tier": (None, "auto"),
     "store": (None, False),
 }
 _WHY = {
     "top_p": "the entropy-bound sampler has no nucleus cut-off",
-    "top_k": "the entropy-bound sampler has no top-k cut-off",
     "n": "one choice per request",
     "logprobs": "log-probabilities are not reported",
     "top_logprobs": "log-probabilities are not reported",
@@ -158,10 +158,23 @@ def _common(data: Dict[str, Any], req: GenRequest, tokens_field: str = "max_toke
     req.mode = _typed(data, "mode", (str,), "'exact' or 'fast'")
     if req.mode is not None and req.mode not in MODES:
         raise RequestError(f"'mode' must be 'exact' or 'fast' (got {req.mode!r}).", "mode")
+    req.fast_settings = _fast_settings(data, req.mode)
     req.include_drafts = _typed(data, "include_drafts", (bool,), "true or false", False)
     meta = data.get("metadata")
     if meta is not None and not isinstance(meta, dict):
         raise RequestError("'metadata' must be an object.", "metadata")
+
+
+def _fast_settings(data: Dict[str, Any], mode: Optional[str]) -> Dict[str, Any]:
+    """The fast-mode settings of a body, checked as `DiffusionConfig` checks them."""
+    given = {name: data[name] for name in FAST_SETTINGS if data.get(name) is not None}
+    try:
+        DiffusionConfig(mode=mode or "exact", **given)
+    except ValueError as e:
+        param = next((n for n in given if str(e).startswith(n)), None)
+        message = str(e).replace(" (CLI: --mode fast)", "").replace("mode='fast'", '"mode": "fast"')
+        raise RequestError(message, param) from None
+    return given
 
 
 def _stop(value, name="stop") -> List[str]:

@@ -72,6 +72,7 @@ def sampler_settings(model, req: GenRequest) -> Dict[str, Any]:
         "max_denoising_steps": req.max_denoising_steps,
         "entropy_bound": req.entropy_bound,
         "mode": req.mode,
+        **req.fast_settings,
     }
     if req.temperature is not None:
         base = resolve_config(model)
