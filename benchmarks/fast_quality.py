@@ -10,7 +10,8 @@ grid; "solved" is the fraction of puzzles whose last digits equal the solution, 
 the fraction of empty cells filled right. Any other model (e.g. a random shape or tiny
 checkpoint) is scored by agreement with exact mode's output for the same seed (the
 fraction of output tokens equal); on a random model that only says how far each setting
-moves the output, not whether it is worse. All prompts of a model run as one batch.
+moves the output, not whether it is worse. All prompts of a model run as one batch
+unless --batch-size.
 
 Columns: setting, the metric, mean denoising steps (forwards) and canvas positions
 forwarded per row and canvas, wall s.
@@ -69,18 +70,21 @@ def read_csv(path: Path, limit: int):
     return rows[:limit]
 
 
-def run(model, prompts, config, seed):
-    """Generated ids (B, T), mean forwards and positions forwarded per row and canvas."""
-    blocks = [
-        e
-        for e in generate_step(mx.array(prompts), model, config=config, key=mx.random.key(seed))
-        if isinstance(e, Block)
-    ]
-    tokens = mx.concatenate([b.tokens for b in blocks], axis=1)
-    last = blocks[-1]
-    forwards = last.decoder_forwards.astype(mx.float32).mean().item() / len(blocks)
-    positions = last.positions_forwarded.astype(mx.float32).mean().item() / len(blocks)
-    return tokens, forwards, positions
+def run(model, prompts, config, seed, batch_size):
+    """Generated ids (B, T), mean forwards and positions forwarded per row and canvas;
+    prompts in batches of `batch_size` (seeds seed, seed + 1, ...)."""
+    tokens, forwards, positions = [], 0.0, 0.0
+    for i in range(0, len(prompts), batch_size):
+        batch = mx.array(prompts[i : i + batch_size])
+        key = mx.random.key(seed + i // batch_size)
+        blocks = [
+            e for e in generate_step(batch, model, config=config, key=key) if isinstance(e, Block)
+        ]
+        tokens.append(mx.concatenate([b.tokens for b in blocks], axis=1))
+        last = blocks[-1]
+        forwards += last.decoder_forwards.astype(mx.float32).sum().item() / len(blocks)
+        positions += last.positions_forwarded.astype(mx.float32).sum().item() / len(blocks)
+    return mx.concatenate(tokens), forwards / len(prompts), positions / len(prompts)
 
 
 def sudoku_metric(tokenizer, tokens, puzzles):
@@ -139,7 +143,11 @@ def evaluate(path: Path, a):
         ]
         puzzles = None
         kind = f"agreement with exact mode, {a.limit} prompts (random model: not a quality)"
-    print(f"\n## {path}: {kind}, steps {a.steps or 'of the checkpoint'}, seed {a.seed}, k {a.k}")
+    batch = a.batch_size or len(prompts)
+    print(
+        f"\n## {path}: {kind}, batch {batch}, steps {a.steps or 'of the checkpoint'}, "
+        f"seed {a.seed}, k {a.k}"
+    )
     print(f"{'setting':28} {'metric':34} {'fwd/canvas':>10} {'pos/canvas':>10} {'wall s':>7}")
     reference = None
     for name, kw in settings(a.k).items():
@@ -149,7 +157,7 @@ def evaluate(path: Path, a):
         if puzzles is None and completions is None:
             config = config.replace(eos_token_id=())
         tic = time.perf_counter()
-        tokens, fwd, pos = run(model, prompts, config, a.seed)
+        tokens, fwd, pos = run(model, prompts, config, a.seed, a.batch_size or len(prompts))
         wall = time.perf_counter() - tic
         if completions is not None:
             metric = exact_metric(tokens, config.eos_token_id, completions)
@@ -168,6 +176,7 @@ def main():
     p.add_argument("--limit", type=int, default=100, help="puzzles (or prompts) per model")
     p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, help="prompts per batch [default: all at once]")
     p.add_argument("--k", type=int, default=64, help="k of top_k and self_conditioning_top_k")
     p.add_argument("--data", type=Path, help="completions-format test .jsonl to score")
     p.add_argument("--only", type=lambda s: s.split(","), help="comma-separated setting names")

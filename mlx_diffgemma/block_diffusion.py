@@ -26,6 +26,7 @@ import mlx.core as mx
 
 from . import sampler as S
 from . import topk as T
+from .cache import CacheRows
 from .canvas import CanvasLayout, CanvasPlan, check_token_ids
 from .config import DiffusionConfig
 
@@ -255,7 +256,7 @@ class _Loop:
                 every = mx.broadcast_to(mx.arange(x.shape[1], dtype=mx.int32), x.shape)
                 return state, self.forward_active(x, None, every, cache)
             self.shapes.add(x.shape[1])
-            return state, self.model.denoise(x, cache, apply_softcap=False)
+            return state, self.denoise(x, cache)
 
     def step(self, state: S.StepState, logits, allowed, n: int):
         """Build denoising step `n` (steps left) from `logits`: (next state, accepted)."""
@@ -352,15 +353,25 @@ class _Loop:
                 cond = mx.take_along_axis(state.probs, positions[..., None], axis=1)
                 return self.forward_active(ids, cond, positions, cache)
             if self.config.self_conditioning_top_k:  # fast mode: the soft embedding itself
-                return self.model.denoise(
-                    state.canvas,
-                    cache,
-                    self_conditioning_embeddings=state.probs,
-                    apply_softcap=False,
-                )
-            return self.model.denoise(
-                state.canvas, cache, self_conditioning_probs=state.probs, apply_softcap=False
-            )
+                return self.denoise(state.canvas, cache, self_conditioning_embeddings=state.probs)
+            return self.denoise(state.canvas, cache, self_conditioning_probs=state.probs)
+
+    def denoise(self, canvas, cache, **soft) -> mx.array:
+        """`model.denoise` (logits before the softcap); on the CPU, a batch of at least
+        two rows per lane is split over the lanes: rows are independent, and MLX runs a
+        CPU stream's element-wise ops (the experts' GELU, attention's exp) on one thread."""
+        B = canvas.shape[0]
+        if self.lanes is None or B < 2 * len(self.lanes):
+            return self.model.denoise(canvas, cache, apply_softcap=False, **soft)
+        cuts = [B * i // len(self.lanes) for i in range(len(self.lanes) + 1)]
+        parts = []
+        for stream, a, b in zip(self.lanes, cuts, cuts[1:]):
+            with mx.stream(stream):
+                rows = slice(a, b)
+                part = {k: v[rows] for k, v in soft.items()}
+                views = [CacheRows(c, rows) for c in cache]
+                parts.append(self.model.denoise(canvas[rows], views, apply_softcap=False, **part))
+        return mx.concatenate(parts)
 
     def repair(self, state: S.StepState, plan: CanvasPlan, cache) -> S.StepState:
         """Fast mode's repair pass: one more forward of the whole canvas on its draft

@@ -62,3 +62,16 @@ def cached_kv(cache):
     if isinstance(cache, KVCache):
         return cache.keys_and_values()
     return cache.keys, cache.values
+
+
+class CacheRows:
+    """Rows `rows` of a filled cache, read-only: what a decoder pass of those batch rows
+    attends to (the loop splits a large batch's denoising over CPU threads)."""
+
+    def __init__(self, cache, rows: slice):
+        past = cached_kv(cache)
+        self.offset = cache.offset
+        self.keys, self.values = (None, None) if past is None else (past[0][rows], past[1][rows])
+
+    def empty(self):
+        return self.keys is None

@@ -218,3 +218,25 @@ def test_layout_ids_outside_the_vocabulary_are_refused(tiny):
     layout = CanvasLayout((5, 300000), (True, True))
     with pytest.raises(ValueError, match="Layout token id 300000 at position 1"):
         next(stream_generate(model, tok, "Hi", seed=0, layout=layout))
+
+
+def test_a_large_batch_denoises_split_over_cpu_lanes_with_the_same_logits(tiny):
+    from mlx_diffgemma.block_diffusion import _Loop, generation_stream, prefill
+
+    model, _ = tiny
+    B, C, V = 6, model.args.canvas_length, model.args.vocab_size
+    cache = model.make_cache()
+    prefill(model, mx.random.randint(0, V, (B, 9), key=mx.random.key(0)), cache)
+    cfg = DiffusionConfig(max_new_tokens=8)
+    loop = _Loop(model, cfg, S.RandomDraws(mx.random.key(1), V), S.make_accept(cfg), B)
+    with mx.stream(mx.cpu):  # two lanes, whatever this machine's core count
+        loop.lanes = [generation_stream(), mx.new_stream(mx.cpu)]
+    canvas = mx.random.randint(0, V, (B, C), key=mx.random.key(2))
+    probs = mx.softmax(mx.random.normal((B, C, V), key=mx.random.key(3)), axis=-1)
+    split = loop.denoise(canvas, cache, self_conditioning_probs=probs)
+    whole = model.denoise(canvas, cache, self_conditioning_probs=probs, apply_softcap=False)
+    assert split.shape == whole.shape and mx.allclose(split, whole, atol=1e-4).item()
+    # Fewer than two rows per lane: one pass (nothing to split).
+    loop.lanes = loop.lanes * 2
+    one = loop.denoise(canvas, cache, self_conditioning_probs=probs)
+    assert mx.array_equal(one, whole).item()
