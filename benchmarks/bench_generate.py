@@ -3,6 +3,13 @@
     python benchmarks/bench_generate.py --config shape --steps 3 --max-new-tokens 512 --repeats 2
     python benchmarks/bench_generate.py --fast --steps 3 --max-new-tokens 512 --repeats 2
 
+On a trained toy (mlx-vlm needs transformers' layout with a vision tower, which
+`shape_checkpoint.py --from-mlx` writes; this port reads either):
+
+    python benchmarks/shape_checkpoint.py TOY_HF --from-mlx examples/sudoku_toy
+    python benchmarks/bench_generate.py --checkpoint TOY_HF --eos --k 4 --steps 48 \
+        --max-new-tokens 40 --prompt "460200500004120306340520604102013065|" --fast
+
 `--fast` compares exact mode, fast mode, each fast-mode approximation alone and mlx-vlm's
 default (confidence threshold at temperature 0, canvas shrink) with mlx-vlm entropy-bound.
 A runtime "mlx_diffgemma:NAME" is this port with the settings FAST_VARIANTS[NAME];
@@ -84,13 +91,18 @@ def vocab_passes(settings) -> int:
     return 2
 
 
-def runner_args(rt):
-    """(runner, label, extra keyword arguments) of a runtime name."""
+def runner_args(rt, k: int = 64):
+    """(runner, label, extra keyword arguments) of a runtime name; `k` replaces the top-k
+    sizes of fast mode's variants (below a toy's vocabulary)."""
     base, _, variant = rt.partition(":")
     if base == "mlx_diffgemma" and variant:
         if variant not in FAST_VARIANTS:
             raise SystemExit(f"Unknown variant {variant!r}; one of {', '.join(FAST_VARIANTS)}.")
-        return base, rt, {"fast_settings": FAST_VARIANTS[variant]}
+        settings = dict(FAST_VARIANTS[variant])
+        for key in ("top_k", "self_conditioning_top_k"):
+            if settings.get(key) or (settings.get("mode") == "fast" and key not in settings):
+                settings[key] = k
+        return base, rt, {"fast_settings": settings}
     if base == "mlx_vlm" and variant == "default":
         return base, rt, {"diffusion_sampler": "confidence-threshold"}
     if variant:
@@ -167,6 +179,7 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="denoising steps per canvas")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=64, help="k of fast mode's top_k settings")
     p.add_argument("--no-openblas", action="store_true")
     p.add_argument("--json", type=Path, help="also write all results here")
     a = p.parse_args()
@@ -207,7 +220,7 @@ def main():
     for rep in range(a.repeats):
         for rt in runtimes:  # alternate, so drift on a shared machine hits all runtimes alike
             tic = time.perf_counter()
-            runner, label, extra = runner_args(rt)
+            runner, label, extra = runner_args(rt, a.k)
             r = run_peer_subprocess(
                 runner,
                 python.get(runner, sys.executable),

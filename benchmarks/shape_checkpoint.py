@@ -1,6 +1,7 @@
 """Random DiffusionGemma checkpoints in the transformers layout, for side-by-side benchmarks.
 
     python benchmarks/shape_checkpoint.py OUT {shape,tiny} [--layers 2 --experts 8 --top-k 2]
+    python benchmarks/shape_checkpoint.py OUT --from-mlx examples/sudoku_toy
 
 "shape" has the released per-layer shapes (hidden 2816, vocab 262,144, head dims 256/512,
 16 heads, 8/2 KV heads, expert size 704, canvas 256) but few layers and experts, so that a
@@ -58,6 +59,19 @@ SHAPES = {
 }
 
 
+# A stand-in vision tower: mlx-vlm's loader needs one; no benchmark uses it.
+VISION = dict(
+    model_type="gemma4_vision",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    rope_parameters={"rope_type": "default", "rope_theta": 100.0},
+)
+
+
 def build(out, kind="shape", layers=2, experts=8, top_k=2, seed=0) -> Path:
     import torch
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
@@ -75,18 +89,8 @@ def build(out, kind="shape", layers=2, experts=8, top_k=2, seed=0) -> Path:
         final_logit_softcapping=30.0,
         max_position_embeddings=262144,
     )
-    vision = dict(
-        model_type="gemma4_vision",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=16,
-        rope_parameters={"rope_type": "default", "rope_theta": 100.0},
-    )
     torch.manual_seed(seed)
-    config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas)
+    config = DiffusionGemmaConfig(text_config=text, vision_config=VISION, canvas_length=canvas)
     model = DiffusionGemmaForBlockDiffusion(config).to(torch.float32).eval()
     with torch.no_grad():
         # Norms, router scales and both layer-scalar sets away from 1, as a trained model has.
@@ -96,18 +100,7 @@ def build(out, kind="shape", layers=2, experts=8, top_k=2, seed=0) -> Path:
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
                 b.copy_(0.5 + torch.rand_like(b))
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    cfg = json.loads((out / "config.json").read_text())
-    tc = cfg["text_config"]
-    tc.pop(
-        "per_layer_config", None
-    )  # transformers 5.24 writes this; mlx-vlm reads only the release keys
-    tc.update(
-        global_head_dim=text["global_head_dim"],
-        num_global_key_value_heads=text["num_global_key_value_heads"],
-    )
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    _save(model, out, text)
     gen = {
         "confidence_threshold": 0.005,
         "eos_token_id": [1, 106, 50],
@@ -123,17 +116,74 @@ def build(out, kind="shape", layers=2, experts=8, top_k=2, seed=0) -> Path:
     return out
 
 
+def _save(model, out: Path, text: dict):
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    tc = cfg["text_config"]
+    tc.pop(
+        "per_layer_config", None
+    )  # transformers 5.24 writes this; mlx-vlm reads only the release keys
+    tc.update(
+        global_head_dim=text.get("global_head_dim", tc.get("global_head_dim")),
+        num_global_key_value_heads=text.get(
+            "num_global_key_value_heads", tc.get("num_global_key_value_heads")
+        ),
+    )
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def from_mlx(src, out) -> Path:
+    """A text-only MLX checkpoint (e.g. a toy trained here) in transformers' layout, with
+    the stand-in vision tower mlx-vlm's loader needs; its generation config and tokenizer."""
+    import shutil
+
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    src, out = Path(src), Path(out)
+    cfg = json.loads((src / "config.json").read_text())
+    text = dict(cfg["text_config"])
+    config = DiffusionGemmaConfig(
+        text_config=text, vision_config=VISION, canvas_length=cfg["canvas_length"]
+    )
+    model = DiffusionGemmaForBlockDiffusion(config).to(torch.float32).eval()
+    # The experts are the one key that differs (ours end in ".weight"); the encoder's
+    # weights are tied to the decoder's.
+    weights = {
+        k.replace("experts.gate_up_proj.weight", "experts.gate_up_proj").replace(
+            "experts.down_proj.weight", "experts.down_proj"
+        ): torch.from_numpy(v.astype("float32"))
+        for k, v in load_file(str(src / "model.safetensors")).items()
+    }
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = ("vision", "encoder.language_model", "lm_head")
+    untied = [k for k in missing if not any(t in k for t in tied)]
+    if untied or unexpected:
+        raise ValueError(f"{src}: weights do not map ({(untied + unexpected)[:3]} ...).")
+    _save(model, out, text)
+    for name in ("generation_config.json", "tokenizer.model", "tokenizer.json"):
+        if (src / name).exists():
+            shutil.copyfile(src / name, out / name)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out")
-    p.add_argument("kind", choices=sorted(SHAPES))
+    p.add_argument("kind", nargs="?", choices=sorted(SHAPES), default="shape")
+    p.add_argument("--from-mlx", type=Path, help="convert this MLX checkpoint instead")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     tic = time.perf_counter()
-    build(a.out, a.kind, a.layers, a.experts, a.top_k, a.seed)
+    if a.from_mlx:
+        from_mlx(a.from_mlx, a.out)
+    else:
+        build(a.out, a.kind, a.layers, a.experts, a.top_k, a.seed)
     print(f"[INFO] Wrote {a.out} in {time.perf_counter() - tic:.1f} s")
 
 
