@@ -27,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mlx_diffgemma import load  # noqa: E402
 from mlx_diffgemma.block_diffusion import Block, generate_step  # noqa: E402
@@ -168,6 +169,44 @@ def evaluate(path: Path, a):
             metric = {"agree": mx.mean(tokens == reference).item()}
         text = ", ".join(f"{k} {v:.3f}" for k, v in metric.items())
         print(f"{name:28} {text:34} {fwd:10.2f} {pos:10.1f} {wall:7.1f}", flush=True)
+    for peer in a.peer or ():
+        tic = time.perf_counter()
+        tokens, fwd = run_peer(peer, a.peer_checkpoint, prompts, resolve_config(model), a)
+        wall = time.perf_counter() - tic
+        if completions is not None:
+            metric = exact_metric(tokens, resolve_config(model).eos_token_id, completions)
+        elif puzzles is not None:
+            metric = sudoku_metric(tokenizer, tokens, puzzles)
+        else:
+            raise SystemExit("--peer needs a task: --data or a Sudoku folder.")
+        text = ", ".join(f"{k} {v:.3f}" for k, v in metric.items())
+        print(f"{peer:28} {text:34} {fwd:10.2f} {'-':>10} {wall:7.1f}", flush=True)
+
+
+def run_peer(peer: str, path: Path, prompts, config, a):
+    """A peer runtime's outputs (padded ids, as `run`'s) and mean denoising steps per
+    canvas, one prompt at a time in one subprocess (mlx-vlm generates batch 1 only)."""
+    from peers import run_peer_subprocess
+
+    runner, _, variant = peer.partition(":")
+    extra = {"diffusion_sampler": "confidence-threshold"} if variant == "default" else {}
+    r = run_peer_subprocess(
+        runner,
+        sys.executable,
+        path,
+        prompts[0],
+        more_prompts=prompts[1:],
+        max_new_tokens=config.max_new_tokens,
+        max_denoising_steps=a.steps or config.max_denoising_steps,
+        seed=a.seed,
+        **extra,
+    )
+    rows = [r["generated_ids"]] + r["more_generated_ids"]
+    width = max(len(row) for row in rows)
+    tokens = mx.array([row + [config.pad_token_id] * (width - len(row)) for row in rows])
+    first = r["steps_per_canvas"]
+    steps = [sum(first) / len(first)] + r["more_steps_per_canvas"]
+    return tokens, sum(steps) / len(steps)
 
 
 def main():
@@ -180,7 +219,21 @@ def main():
     p.add_argument("--k", type=int, default=64, help="k of top_k and self_conditioning_top_k")
     p.add_argument("--data", type=Path, help="completions-format test .jsonl to score")
     p.add_argument("--only", type=lambda s: s.split(","), help="comma-separated setting names")
+    p.add_argument(
+        "--peer",
+        action="append",
+        choices=["mlx_vlm", "mlx_vlm:default"],
+        help="also score mlx-vlm (entropy-bound, or its default confidence sampler) on "
+        "--peer-checkpoint, one prompt at a time; repeatable",
+    )
+    p.add_argument(
+        "--peer-checkpoint",
+        type=Path,
+        help="the model in transformers' layout (shape_checkpoint.py --from-mlx)",
+    )
     a = p.parse_args()
+    if a.peer and not a.peer_checkpoint:
+        p.error("--peer needs --peer-checkpoint")
     for path in a.model:
         evaluate(path, a)
 

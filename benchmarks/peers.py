@@ -222,6 +222,7 @@ def run_mlx_vlm(
     dtype: Optional[str] = None,
     warmup: bool = False,
     diffusion_sampler: str = "entropy-bound",
+    more_prompts: Optional[Sequence[Sequence[int]]] = None,
 ) -> Dict[str, Any]:
     """Generate with mlx-vlm (>= 0.6.3; checked on 0.7.10), set up to run HF's algorithm.
 
@@ -304,9 +305,8 @@ def run_mlx_vlm(
         gen_cfg.pop(key, None)  # these would take precedence over t_min/t_max and the thresholds
     model.config.generation_config = gen_cfg
 
-    input_ids = mx.array([list(int(t) for t in prompt_ids)], dtype=mx.int32)
-
-    def _generate(n_tokens, n_steps, gen_seed):
+    def _generate(n_tokens, n_steps, gen_seed, ids=prompt_ids):
+        input_ids = mx.array([list(int(t) for t in ids)], dtype=mx.int32)
         return mlx_vlm.stream_generate(
             model,
             _IdProcessor(eos),
@@ -334,22 +334,10 @@ def run_mlx_vlm(
             pass
     mx.reset_peak_memory()
     t1 = time.perf_counter()
-    results = _generate(max_new_tokens, max_denoising_steps, seed)
-    new_ids: List[int] = []
-    cumulative_steps: List[int] = []
-    last = None
-    for r in results:
-        last = r
-        if r.is_draft:
-            continue
-        if r.diffusion_block_complete:
-            cumulative_steps.append(int(r.diffusion_denoising_steps))
-            continue
-        if r.finish_reason is None and r.token is not None:
-            new_ids.append(int(r.token))
+    new_ids, cumulative_steps, last = _mlx_vlm_ids(
+        _generate(max_new_tokens, max_denoising_steps, seed)
+    )
     total_s = time.perf_counter() - t1
-    if last is not None and last.finish_reason == "stop" and last.token is not None:
-        new_ids.append(int(last.token))  # the EOS is not emitted as a token result
     steps_per_canvas = [b - a for a, b in zip([0] + cumulative_steps[:-1], cumulative_steps)]
     prefill_s = (
         (last.prompt_tokens / last.prompt_tps) if last is not None and last.prompt_tps else None
@@ -368,6 +356,16 @@ def run_mlx_vlm(
         total_s,
         mx.get_peak_memory() / 1e9,
     )
+    if more_prompts:  # e.g. a test set, scored by the caller (seeds seed + 1, ...)
+        more = [
+            _mlx_vlm_ids(_generate(max_new_tokens, max_denoising_steps, seed + 1 + i, ids))
+            for i, ids in enumerate(more_prompts)
+        ]
+        res["more_generated_ids"] = [_cut(ids, eos, max_new_tokens)[0] for ids, _, _ in more]
+        # Mean denoising steps per canvas of each (the counts are cumulative).
+        res["more_steps_per_canvas"] = [
+            steps[-1] / len(steps) if steps else 0 for _, steps, _ in more
+        ]
     if last is not None:
         res["peer_stats"] = {
             "diffusion_canvas_tokens": last.diffusion_canvas_tokens,
@@ -377,6 +375,25 @@ def run_mlx_vlm(
             "prompt_tps": last.prompt_tps,
         }
     return res
+
+
+def _mlx_vlm_ids(results):
+    """(new ids, cumulative steps per canvas, last result) of an mlx-vlm stream."""
+    new_ids: List[int] = []
+    cumulative_steps: List[int] = []
+    last = None
+    for r in results:
+        last = r
+        if r.is_draft:
+            continue
+        if r.diffusion_block_complete:
+            cumulative_steps.append(int(r.diffusion_denoising_steps))
+            continue
+        if r.finish_reason is None and r.token is not None:
+            new_ids.append(int(r.token))
+    if last is not None and last.finish_reason == "stop" and last.token is not None:
+        new_ids.append(int(last.token))  # the EOS is not emitted as a token result
+    return new_ids, cumulative_steps, last
 
 
 # --------------------------------------------------------------------------- transformers
