@@ -390,29 +390,69 @@ class _Loop:
             argmax = mx.where(plan.fixed, plan.ids, mx.argmax(logits, axis=-1))
             return state._replace(argmax=argmax.astype(state.argmax.dtype))
 
+    def reopen(self, state: S.StepState, plan: CanvasPlan, cache):
+        """Fast mode's reopening repair pass, after a canvas stopped: one forward of the
+        whole canvas on its draft; committed positions whose argmax it changes are
+        reopened and the canvas goes on denoising from this forward's logits.
+
+        Returns (state, the logits for the next step, whether any position reopened).
+        """
+        C = plan.ids.shape[1]
+        with mx.stream(self.stream):
+            running = (~self.finished).astype(mx.int32)
+            self.forwards = self.forwards + running
+            self.positions_forwarded = self.positions_forwarded + running * C
+            if self.config.compact:  # fresh K/V for every position
+                self.canvas_kv = None
+                every = mx.broadcast_to(mx.arange(C, dtype=mx.int32), state.argmax.shape)
+                logits = self.forward_active(state.argmax, state.probs, every, cache)
+            else:
+                self.shapes.add(C)
+                name = "embeddings" if self.config.self_conditioning_top_k else "probs"
+                logits = self.denoise(
+                    state.argmax, cache, **{f"self_conditioning_{name}": state.probs}
+                )
+            masked = logits if plan.allowed is None else mx.where(plan.allowed, logits, -mx.inf)
+            argmax = mx.where(plan.fixed, plan.ids, mx.argmax(masked, axis=-1))
+            changed = (argmax.astype(state.argmax.dtype) != state.argmax) & ~self.finished[:, None]
+            state = state._replace(
+                fixed=state.fixed & ~changed, done=state.done & ~mx.any(changed, axis=-1)
+            )
+            reopened = mx.any(changed)
+        self.step_syncs += 1
+        return state, logits, reopened.item()
+
     def canvas(self, block: int, plan: CanvasPlan, cache, drafts: bool):
         """Denoise one canvas; yields its `DenoiseStep`s if `drafts`, returns its `Block`."""
         encode_s = self.encode_last(cache)
         tic = time.perf_counter()
         state, logits = self.start(plan, cache)
-        N = self.config.max_denoising_steps
-        for n in range(N, 0, -1):
+        cfg = self.config
+        N, passes = cfg.max_denoising_steps, cfg.repair
+        n = N  # steps left
+        while n > 0:
             state, accepted = self.step(state, logits, plan.allowed, n)
             mx.async_eval(state.canvas, state.argmax, state.probs, state.done, self.forwards)
             # Build the next step's forward while this one runs; it is only evaluated
             # (and its random draws made) if the stop test below says to go on. With
             # compaction its width is known only after the sync.
-            compact = self.config.compact
-            if n > 1 and not compact:
+            if n > 1 and not cfg.compact:
                 logits = self.forward(state, cache)
             if drafts:
                 yield DenoiseStep(block, N - n + 1, state.argmax, accepted, state.canvas)
             tokens, first, eos_index, stop, live = self.sync(state)
-            if stop:
+            n -= 1
+            if stop and cfg.reopen and passes and n > 0:
+                passes -= 1
+                state, logits, reopened = self.reopen(state, plan, cache)
+                if not reopened:  # the pass agrees with every committed token
+                    passes = 0
+                    break
+            elif stop:
                 break
-            if n > 1 and compact:
+            elif n > 0 and cfg.compact:
                 logits = self.forward(state, cache, live)
-        for _ in range(self.config.repair):
+        for _ in range(passes):
             state = self.repair(state, plan, cache)
             tokens, first, eos_index, _, _ = self.sync(state)
         tokens = mx.where(self.finished[:, None], self.config.pad_token_id, tokens)
@@ -421,4 +461,4 @@ class _Loop:
         seconds = (encode_s, time.perf_counter() - tic)
         counts = (self.forwards, *seconds, self.step_syncs, self.encode_syncs)
         counts += (self.positions_forwarded, len(self.shapes))
-        return Block(block, tokens, N - n + 1, self.finished, tuple(eos_index), *counts)
+        return Block(block, tokens, N - n, self.finished, tuple(eos_index), *counts)

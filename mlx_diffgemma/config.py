@@ -26,6 +26,7 @@ FAST_SETTINGS = {
     "eos_tail_cut": (False, False),
     "compact": (False, False),
     "repair": (0, 0),
+    "reopen": (False, False),
 }
 
 
@@ -94,6 +95,11 @@ class DiffusionConfig:
             canvas on its draft (fresh K/V, the last step's conditioning); each one's
             argmax is the new draft (mlx-vlm turbo's repair pass; changes semantics:
             transformers' output is the last step's argmax). 0: off. Fast value 0.
+        reopen: fast mode, with monotone_commit and repair: a repair pass reopens the
+            committed positions whose argmax it changes, and the canvas goes on
+            denoising from that forward (within max_denoising_steps); the canvas ends
+            when a pass changes nothing (changes semantics like monotone_commit, less).
+            Fast value False.
     """
 
     max_new_tokens: int = 256
@@ -117,6 +123,7 @@ class DiffusionConfig:
     eos_tail_cut: Optional[bool] = None
     compact: Optional[bool] = None
     repair: Optional[int] = None
+    reopen: Optional[bool] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -175,6 +182,7 @@ class DiffusionConfig:
             "commit_stable",
             "eos_tail_cut",
             "compact",
+            "reopen",
         ):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
@@ -190,9 +198,12 @@ class DiffusionConfig:
             ("commit_argmax", "it chooses what is committed"),
             ("commit_stable", "it chooses what is committed"),
             ("compact", "it forwards the positions not committed"),
+            ("reopen", "it reopens committed positions"),
         ):
             if getattr(self, name) and not self.monotone_commit:
                 raise ValueError(f"{name}=True needs monotone_commit=True ({why}).")
+        if self.reopen and not self.repair:
+            raise ValueError("reopen=True needs repair >= 1 (the passes that may reopen).")
         if self.compact and not (self.top_k and self.self_conditioning_top_k):
             raise ValueError(
                 "compact=True needs top_k > 0 and self_conditioning_top_k > 0 "

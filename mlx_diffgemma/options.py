@@ -37,6 +37,7 @@ SAMPLER_FLAGS = {
     "--eos-tail-cut": "eos_tail_cut",
     "--compact": "compact",
     "--repair": "repair",
+    "--reopen": "reopen",
 }
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
@@ -181,6 +182,12 @@ def sampler_options(command):
             default=None,
             help="Fast mode: this many extra full forwards after a canvas stops; the last "
             "one's argmax is the output (0: off).",
+        ),
+        click.option(
+            "--reopen/--no-reopen",
+            default=None,
+            help="Fast mode (with monotone commit and --repair): a repair pass reopens the "
+            "committed tokens it changes and denoising goes on.",
         ),
     ]
     for option in reversed(options):

@@ -420,3 +420,44 @@ def test_cli_compact_and_repair(tiny_checkpoint):
     assert bad.exit_code != 0 and "Traceback" not in bad.output
     assert "compact=True needs top_k > 0" in bad.stderr.splitlines()[-1]
     assert run("--repair", "-1").exit_code == 2
+
+
+def test_reopen_reopens_what_a_repair_pass_changes_and_goes_on():
+    model = random_tiny_model()
+    C, V = model.args.canvas_length, model.args.vocab_size
+    cfg = DiffusionConfig(
+        max_new_tokens=8,
+        max_denoising_steps=12,
+        mode="fast",
+        top_k=8,
+        monotone_commit=True,
+        repair=3,
+        reopen=True,
+        entropy_bound=50.0,  # commit everything at once: the canvas stops at step 1
+    )
+    cache = _encoded(model)
+    loop = _Loop(model, cfg, S.RandomDraws(mx.random.key(0), V), S.make_accept(cfg), 1)
+    plan = CanvasLayout(ids=(0, 0, 77), fixed=(False, False, True)).plan(0, C)
+    draft = mx.random.randint(0, V, (1, C), key=mx.random.key(3))
+    cond = mx.random.normal((1, C, model.args.hidden_size), key=mx.random.key(4))
+    done = S.StepState(draft, draft, cond, mx.array([True]), (draft,), plan.fixed | True, draft)
+    state, logits, reopened = loop.reopen(done, plan, cache)
+    want = model.denoise(draft, cache, self_conditioning_embeddings=cond, apply_softcap=False)
+    assert mx.allclose(logits, want, atol=1e-5)
+    argmax = mx.where(plan.fixed, plan.ids, mx.argmax(want, axis=-1))
+    changed = argmax != draft
+    assert reopened == changed.any().item()
+    # What the pass changed is undecided again (the clamped position stays fixed).
+    assert mx.array_equal(state.fixed, ~changed).item() and not state.done.item()
+    # End to end: each canvas commits at step 1, then passes reopen it while they change
+    # something, and it ends when a pass agrees (or after `repair` passes).
+    prompt = mx.array([[2, 9]])
+    plain = _blocks(model, cfg.replace(repair=0, reopen=False), prompt)
+    reopened_blocks = _blocks(model, cfg, prompt)
+    assert [b.steps for b in plain] == [1]
+    steps, forwards = reopened_blocks[0].steps, reopened_blocks[0].decoder_forwards.item()
+    assert steps >= 2 and steps + 1 <= forwards <= steps + 3
+    with pytest.raises(ValueError, match="reopen=True needs repair >= 1"):
+        DiffusionConfig(mode="fast", monotone_commit=True, reopen=True)
+    with pytest.raises(ValueError, match="reopen=True needs monotone_commit=True"):
+        DiffusionConfig(mode="fast", repair=1, reopen=True)
