@@ -373,48 +373,41 @@ class _Loop:
                 parts.append(self.model.denoise(canvas[rows], views, apply_softcap=False, **part))
         return mx.concatenate(parts)
 
-    def repair(self, state: S.StepState, plan: CanvasPlan, cache) -> S.StepState:
-        """Fast mode's repair pass: one more forward of the whole canvas on its draft
-        (fresh K/V everywhere, the last conditioning), whose argmax becomes the draft;
-        the layout's fixed positions and token classes still hold."""
-        with mx.stream(self.stream):
-            running = (~self.finished).astype(mx.int32)
-            self.forwards = self.forwards + running
-            self.positions_forwarded = self.positions_forwarded + running * plan.ids.shape[1]
-            self.shapes.add(plan.ids.shape[1])
-            name = "embeddings" if self.config.self_conditioning_top_k else "probs"
-            soft = {f"self_conditioning_{name}": state.probs}
-            logits = self.model.denoise(state.argmax, cache, apply_softcap=False, **soft)
-            if plan.allowed is not None:
-                logits = mx.where(plan.allowed, logits, -mx.inf)
-            argmax = mx.where(plan.fixed, plan.ids, mx.argmax(logits, axis=-1))
-            return state._replace(argmax=argmax.astype(state.argmax.dtype))
-
-    def reopen(self, state: S.StepState, plan: CanvasPlan, cache):
-        """Fast mode's reopening repair pass, after a canvas stopped: one forward of the
-        whole canvas on its draft; committed positions whose argmax it changes are
-        reopened and the canvas goes on denoising from this forward's logits.
-
-        Returns (state, the logits for the next step, whether any position reopened).
-        """
+    def full_pass(self, state: S.StepState, plan: CanvasPlan, cache):
+        """One forward of the whole canvas on its draft (fresh K/V everywhere, the last
+        conditioning), after a canvas stopped: (logits, argmax), the argmax keeping the
+        layout's fixed ids and token classes."""
         C = plan.ids.shape[1]
         with mx.stream(self.stream):
             running = (~self.finished).astype(mx.int32)
             self.forwards = self.forwards + running
             self.positions_forwarded = self.positions_forwarded + running * C
-            if self.config.compact:  # fresh K/V for every position
+            if self.config.compact:  # fresh K/V for the steps that may follow
                 self.canvas_kv = None
                 every = mx.broadcast_to(mx.arange(C, dtype=mx.int32), state.argmax.shape)
                 logits = self.forward_active(state.argmax, state.probs, every, cache)
             else:
                 self.shapes.add(C)
                 name = "embeddings" if self.config.self_conditioning_top_k else "probs"
-                logits = self.denoise(
-                    state.argmax, cache, **{f"self_conditioning_{name}": state.probs}
-                )
+                soft = {f"self_conditioning_{name}": state.probs}
+                logits = self.denoise(state.argmax, cache, **soft)
             masked = logits if plan.allowed is None else mx.where(plan.allowed, logits, -mx.inf)
             argmax = mx.where(plan.fixed, plan.ids, mx.argmax(masked, axis=-1))
-            changed = (argmax.astype(state.argmax.dtype) != state.argmax) & ~self.finished[:, None]
+            return logits, argmax.astype(state.argmax.dtype)
+
+    def repair(self, state: S.StepState, plan: CanvasPlan, cache) -> S.StepState:
+        """Fast mode's repair pass: the argmax of a `full_pass` becomes the draft."""
+        return state._replace(argmax=self.full_pass(state, plan, cache)[1])
+
+    def reopen(self, state: S.StepState, plan: CanvasPlan, cache):
+        """Fast mode's reopening repair pass: committed positions whose argmax a
+        `full_pass` changes are reopened, and the canvas goes on denoising from its logits.
+
+        Returns (state, the logits for the next step, whether any position reopened).
+        """
+        logits, argmax = self.full_pass(state, plan, cache)
+        with mx.stream(self.stream):
+            changed = (argmax != state.argmax) & ~self.finished[:, None]
             state = state._replace(
                 fixed=state.fixed & ~changed, done=state.done & ~mx.any(changed, axis=-1)
             )
