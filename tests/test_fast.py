@@ -461,3 +461,32 @@ def test_reopen_reopens_what_a_repair_pass_changes_and_goes_on():
         DiffusionConfig(mode="fast", monotone_commit=True, reopen=True)
     with pytest.raises(ValueError, match="reopen=True needs monotone_commit=True"):
         DiffusionConfig(mode="fast", repair=1, reopen=True)
+
+
+def test_compaction_and_repair_keep_a_layouts_clamps_and_token_classes():
+    model = random_tiny_model(canvas_length=40)
+    V = model.args.vocab_size
+    masks = mx.zeros((1, V), mx.bool_).at[0, mx.array([5, 6, 7])].add(True)
+    layout = CanvasLayout(
+        ids=(99,) + (0,) * 39,
+        fixed=(True,) + (False,) * 39,
+        token_class=(-1,) + (0,) * 39,
+        token_masks=masks,
+    )
+    cfg = DiffusionConfig(
+        max_new_tokens=40,
+        max_denoising_steps=10,
+        mode="fast",
+        top_k=8,
+        monotone_commit=True,
+        compact=True,
+        repair=1,
+        entropy_bound=1.0,
+    )
+    steps = generate_step(
+        mx.array([[2, 9, 4]]), model, config=cfg, key=mx.random.key(0), layout=layout
+    )
+    block = next(e for e in steps if isinstance(e, Block))
+    row = block.tokens.tolist()[0]
+    assert row[0] == 99 and set(row[1:]) <= {5, 6, 7}
+    assert block.positions_forwarded.item() < block.decoder_forwards.item() * 40
