@@ -345,6 +345,11 @@ def test_buckets_bound_the_shapes():
     assert S.active_positions(live, 3).tolist() == [[0, 1, 3], [0, 1, 2]]
 
 
+def _monotone(**kw) -> DiffusionConfig:
+    """Fast mode with monotone commit and top-k 8 (both top-k settings), plus `kw`."""
+    return DiffusionConfig(mode="fast", top_k=8, monotone_commit=True, **kw)
+
+
 def _blocks(model, config, prompt, seed=0):
     steps = generate_step(prompt, model, config=config, key=mx.random.key(seed))
     return [e for e in steps if isinstance(e, Block)]
@@ -352,9 +357,7 @@ def _blocks(model, config, prompt, seed=0):
 
 def test_compaction_within_one_bucket_changes_nothing():
     model = random_tiny_model()  # canvas 8 < the smallest bucket: every position is forwarded
-    cfg = DiffusionConfig(
-        max_new_tokens=16, max_denoising_steps=6, mode="fast", top_k=8, monotone_commit=True
-    )
+    cfg = _monotone(max_new_tokens=16, max_denoising_steps=6)
     prompt = mx.array([[2, 9, 4]] * 2)
     plain, compact = _blocks(model, cfg, prompt), _blocks(model, cfg.replace(compact=True), prompt)
     for a, b in zip(plain, compact):
@@ -364,14 +367,7 @@ def test_compaction_within_one_bucket_changes_nothing():
 
 def test_compaction_forwards_only_live_positions_in_bucket_shapes():
     model = random_tiny_model(canvas_length=40)
-    cfg = DiffusionConfig(
-        max_new_tokens=80,
-        max_denoising_steps=10,
-        mode="fast",
-        top_k=8,
-        monotone_commit=True,
-        entropy_bound=3.0,
-    )
+    cfg = _monotone(max_new_tokens=80, max_denoising_steps=10, entropy_bound=3.0)
     prompt = mx.array([[2, 9, 4]])
     plain, compact = _blocks(model, cfg, prompt), _blocks(model, cfg.replace(compact=True), prompt)
     assert plain[-1].forward_shapes == 1
@@ -425,15 +421,9 @@ def test_cli_compact_and_repair(tiny_checkpoint):
 def test_reopen_reopens_what_a_repair_pass_changes_and_goes_on():
     model = random_tiny_model()
     C, V = model.args.canvas_length, model.args.vocab_size
-    cfg = DiffusionConfig(
-        max_new_tokens=8,
-        max_denoising_steps=12,
-        mode="fast",
-        top_k=8,
-        monotone_commit=True,
-        repair=3,
-        reopen=True,
-        entropy_bound=50.0,  # commit everything at once: the canvas stops at step 1
+    # A huge bound commits everything at once: the canvas stops at step 1.
+    cfg = _monotone(
+        max_new_tokens=8, max_denoising_steps=12, repair=3, reopen=True, entropy_bound=50.0
     )
     cache = _encoded(model)
     loop = _Loop(model, cfg, S.RandomDraws(mx.random.key(0), V), S.make_accept(cfg), 1)
@@ -473,15 +463,8 @@ def test_compaction_and_repair_keep_a_layouts_clamps_and_token_classes():
         token_class=(-1,) + (0,) * 39,
         token_masks=masks,
     )
-    cfg = DiffusionConfig(
-        max_new_tokens=40,
-        max_denoising_steps=10,
-        mode="fast",
-        top_k=8,
-        monotone_commit=True,
-        compact=True,
-        repair=1,
-        entropy_bound=1.0,
+    cfg = _monotone(
+        max_new_tokens=40, max_denoising_steps=10, compact=True, repair=1, entropy_bound=1.0
     )
     steps = generate_step(
         mx.array([[2, 9, 4]]), model, config=cfg, key=mx.random.key(0), layout=layout
