@@ -91,6 +91,16 @@ def vocab_passes(settings) -> int:
     return 2
 
 
+def with_top_k(settings, k: int):
+    """A copy of fast-mode `settings` with k for both top-k sizes where they are on
+    (given non-zero, or left to fast mode's value), e.g. below a toy's vocabulary."""
+    settings = dict(settings)
+    for key in ("top_k", "self_conditioning_top_k"):
+        if settings.get(key) or (settings.get("mode") == "fast" and key not in settings):
+            settings[key] = k
+    return settings
+
+
 def runner_args(rt, k: int = 64):
     """(runner, label, extra keyword arguments) of a runtime name; `k` replaces the top-k
     sizes of fast mode's variants (below a toy's vocabulary)."""
@@ -98,11 +108,7 @@ def runner_args(rt, k: int = 64):
     if base == "mlx_diffgemma" and variant:
         if variant not in FAST_VARIANTS:
             raise SystemExit(f"Unknown variant {variant!r}; one of {', '.join(FAST_VARIANTS)}.")
-        settings = dict(FAST_VARIANTS[variant])
-        for key in ("top_k", "self_conditioning_top_k"):
-            if settings.get(key) or (settings.get("mode") == "fast" and key not in settings):
-                settings[key] = k
-        return base, rt, {"fast_settings": settings}
+        return base, rt, {"fast_settings": with_top_k(FAST_VARIANTS[variant], k)}
     if base == "mlx_vlm" and variant == "default":
         return base, rt, {"diffusion_sampler": "confidence-threshold"}
     if variant:

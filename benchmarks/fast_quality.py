@@ -29,6 +29,8 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_generate import with_top_k  # noqa: E402
+
 from mlx_diffgemma import load  # noqa: E402
 from mlx_diffgemma.block_diffusion import Block, generate_step  # noqa: E402
 from mlx_diffgemma.generate import resolve_config  # noqa: E402
@@ -116,16 +118,9 @@ def exact_metric(tokens, eos, answers):
 
 def settings(k: int):
     """SETTINGS with `k` for the two top-k settings (e.g. below a toy's vocabulary)."""
-    out = {}
-    for name, kw in SETTINGS.items():
-        kw = dict(kw)
-        for key in ("top_k", "self_conditioning_top_k"):
-            if kw.get(key):
-                kw[key] = k
-        if kw.get("mode") == "fast" and "top_k" not in kw:  # the fast presets
-            kw.update(top_k=k, self_conditioning_top_k=k)
-        out[name.replace("top_k=64", f"top_k={k}")] = kw
-    return out
+    return {
+        name.replace("top_k=64", f"top_k={k}"): with_top_k(kw, k) for name, kw in SETTINGS.items()
+    }
 
 
 def evaluate(path: Path, a):

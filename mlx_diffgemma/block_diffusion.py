@@ -251,10 +251,8 @@ class _Loop:
         done = mx.zeros(self.finished.shape, dtype=mx.bool_)
         state = S.StepState(x, x, None, done, (blank,) * k, plan.fixed, plan.ids.astype(x.dtype))
         with mx.stream(self.stream):
-            if self.config.compact:
-                self.canvas_kv = None  # a new canvas: every position is forwarded
-                every = mx.broadcast_to(mx.arange(x.shape[1], dtype=mx.int32), x.shape)
-                return state, self.forward_active(x, None, every, cache)
+            if self.config.compact:  # a new canvas: every position is forwarded
+                return state, self.forward_all(x, None, cache)
             self.shapes.add(x.shape[1])
             return state, self.denoise(x, cache)
 
@@ -262,10 +260,7 @@ class _Loop:
         """Build denoising step `n` (steps left) from `logits`: (next state, accepted)."""
         cfg = self.config
         with mx.stream(self.stream):
-            running = (~(state.done | self.finished)).astype(mx.int32)
-            self.forwards = self.forwards + running
-            width = logits.shape[1]
-            self.positions_forwarded = self.positions_forwarded + running * width
+            self.count(~(state.done | self.finished), logits.shape[1])
             temp = S.temperature(n, cfg.max_denoising_steps, cfg.t_min, cfg.t_max)
             if cfg.compact and allowed is not None:
                 B, C, V = state.canvas.shape + allowed.shape[-1:]
@@ -333,6 +328,24 @@ class _Loop:
         self.ended = bool(ended)
         return tokens, first, eos_index, bool(stop), live
 
+    def count(self, running: mx.array, width: int):
+        """Count one decoder forward of `width` positions for the `running` (B,) rows."""
+        running = running.astype(mx.int32)
+        self.forwards = self.forwards + running
+        self.positions_forwarded = self.positions_forwarded + running * width
+
+    def soft(self, conditioning) -> dict:
+        """`denoise`'s keyword for the conditioning a step built: the soft embedding
+        (fast mode's gathered self-conditioning) or the probabilities."""
+        name = "embeddings" if self.config.self_conditioning_top_k else "probs"
+        return {f"self_conditioning_{name}": conditioning}
+
+    def forward_all(self, ids, cond, cache) -> mx.array:
+        """Compaction: the logits of every position, with fresh K/V for all of them."""
+        self.canvas_kv = None
+        every = mx.broadcast_to(mx.arange(ids.shape[1], dtype=mx.int32), ids.shape)
+        return self.forward_active(ids, cond, every, cache)
+
     def forward_active(self, ids, cond, positions, cache) -> mx.array:
         """Compaction: the logits of canvas `positions` (B, n) holding `ids`, the other
         positions seen through the canvas K/V of earlier steps (stale)."""
@@ -352,9 +365,7 @@ class _Loop:
                 ids = mx.take_along_axis(state.canvas, positions, axis=1)
                 cond = mx.take_along_axis(state.probs, positions[..., None], axis=1)
                 return self.forward_active(ids, cond, positions, cache)
-            if self.config.self_conditioning_top_k:  # fast mode: the soft embedding itself
-                return self.denoise(state.canvas, cache, self_conditioning_embeddings=state.probs)
-            return self.denoise(state.canvas, cache, self_conditioning_probs=state.probs)
+            return self.denoise(state.canvas, cache, **self.soft(state.probs))
 
     def denoise(self, canvas, cache, **soft) -> mx.array:
         """`model.denoise` (logits before the softcap); on the CPU, a batch of at least
@@ -379,18 +390,12 @@ class _Loop:
         layout's fixed ids and token classes."""
         C = plan.ids.shape[1]
         with mx.stream(self.stream):
-            running = (~self.finished).astype(mx.int32)
-            self.forwards = self.forwards + running
-            self.positions_forwarded = self.positions_forwarded + running * C
+            self.count(~self.finished, C)
             if self.config.compact:  # fresh K/V for the steps that may follow
-                self.canvas_kv = None
-                every = mx.broadcast_to(mx.arange(C, dtype=mx.int32), state.argmax.shape)
-                logits = self.forward_active(state.argmax, state.probs, every, cache)
+                logits = self.forward_all(state.argmax, state.probs, cache)
             else:
                 self.shapes.add(C)
-                name = "embeddings" if self.config.self_conditioning_top_k else "probs"
-                soft = {f"self_conditioning_{name}": state.probs}
-                logits = self.denoise(state.argmax, cache, **soft)
+                logits = self.denoise(state.argmax, cache, **self.soft(state.probs))
             masked = logits if plan.allowed is None else mx.where(plan.allowed, logits, -mx.inf)
             argmax = mx.where(plan.fixed, plan.ids, mx.argmax(masked, axis=-1))
             return logits, argmax.astype(state.argmax.dtype)

@@ -167,7 +167,8 @@ class DiffusionConfig:
         def fail(name, rule):
             raise ValueError(f"{name} must be {rule} (got {getattr(self, name)!r}).")
 
-        for name in ("top_k", "self_conditioning_top_k", "canvas_shrink", "repair"):
+        ints = [n for n, v in FAST_SETTINGS.items() if type(v[0]) is int]
+        for name in ints:  # top_k, self_conditioning_top_k, canvas_shrink, repair
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 fail(name, "an integer >= 0 (0: off)")
@@ -176,14 +177,7 @@ class DiffusionConfig:
         v = self.commit_threshold
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             fail("commit_threshold", "a number in (0, 1]")
-        for name in (
-            "monotone_commit",
-            "commit_argmax",
-            "commit_stable",
-            "eos_tail_cut",
-            "compact",
-            "reopen",
-        ):
+        for name in [n for n, v in FAST_SETTINGS.items() if isinstance(v[0], bool)]:
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.mode == "exact":

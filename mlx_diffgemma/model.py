@@ -204,11 +204,20 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
+    def rotate(self, x, offset):
+        """RoPE of x (B, L, heads, D), returned as (B, heads, L, D): from position
+        `offset` on, or at per-position offsets when `offset` is a (B, L) array."""
+        if isinstance(offset, mx.array) and offset.ndim == 2:
+            B, L, h, D = x.shape
+            x = self.rope(x.reshape(B * L, 1, h, D).swapaxes(1, 2), offset=offset.reshape(-1))
+            return x.reshape(B, L, h, D).transpose(0, 2, 1, 3)
+        return self.rope(x.transpose(0, 2, 1, 3), offset=offset)
+
     def kv(self, x, offset):
         B, L, _ = x.shape
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(k.shape) if self.is_sliding else k
-        k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset=offset)
+        k = self.rotate(self.k_norm(k), offset)
         v = rms_norm_no_scale(v, self.eps).transpose(0, 2, 1, 3)
         return k, v
 
@@ -234,7 +243,7 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         offset = cache.offset
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
-        q = self.rope(self.q_norm(q).transpose(0, 2, 1, 3), offset=offset)
+        q = self.rotate(self.q_norm(q), offset)
         k, v = self.kv(x, offset)
         if encode:
             past = cache.size()
@@ -245,12 +254,6 @@ class Attention(nn.Module):
             o = attend_canvas(q, k, v, cached_kv(cache))
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def rope_at(self, x, offsets):
-        """RoPE of x (B, n, heads, D) at per-position `offsets` (B, n); (B, heads, n, D)."""
-        B, n, h, D = x.shape
-        x = self.rope(x.reshape(B * n, 1, h, D).swapaxes(1, 2), offset=offsets.reshape(-1))
-        return x.reshape(B, n, h, D).transpose(0, 2, 1, 3)
-
     def attend_active(self, x, cache, positions, canvas_kv):
         """Attention of canvas positions `positions` (B, n) only, with the other canvas
         positions' K/V taken from `canvas_kv` (each (B, Hkv, C, D); None when x is the
@@ -259,11 +262,8 @@ class Attention(nn.Module):
         B, n, _ = x.shape
         offsets = cache.offset + positions
         q = self.q_proj(x).reshape(B, n, self.n_heads, self.head_dim)
-        q = self.rope_at(self.q_norm(q), offsets)
-        k = self.k_proj(x).reshape(B, n, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(k.shape) if self.is_sliding else k
-        k = self.rope_at(self.k_norm(k), offsets)
-        v = rms_norm_no_scale(v, self.eps).transpose(0, 2, 1, 3)
+        q = self.rotate(self.q_norm(q), offsets)
+        k, v = self.kv(x, offsets)
         if canvas_kv is not None:
             idx = mx.broadcast_to(positions[:, None, :, None], k.shape)
             k = mx.put_along_axis(canvas_kv[0], idx, k, axis=2)
