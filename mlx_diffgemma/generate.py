@@ -16,7 +16,7 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
 import click
 import mlx.core as mx
@@ -104,6 +104,10 @@ class GenerationResponse:
     seed: int
     finish_reason: Optional[str] = None
     decoder_forwards: int = 0
+
+
+class Cancelled(RuntimeError):
+    """A generation stopped by its `should_stop` callback."""
 
 
 class PromptCache:
@@ -230,9 +234,9 @@ def _continue_chat(tokenizer, messages) -> List[int]:
         )
     history = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _ANSWER}]
     text = tokenizer.apply_chat_template(
-        history + list(messages), add_generation_prompt=True, tokenize=False
+        history + tokenizer.protect_messages(messages), add_generation_prompt=True, tokenize=False
     )
-    return tokenizer.encode(text[text.index(_ANSWER) + len(_ANSWER) :])
+    return tokenizer.encode_rendered(text[text.index(_ANSWER) + len(_ANSWER) :])
 
 
 def _prompt_ids(tokenizer, prompt: Prompt, cache: PromptCache, enable_thinking) -> List[int]:
@@ -325,6 +329,7 @@ def stream_generate(
     prompt_cache: Optional[PromptCache] = None,
     enable_thinking: Optional[bool] = None,
     layout: Optional[CanvasLayout] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
     **settings,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a generation: a "commit" response per canvas, and a "draft" per step if asked.
@@ -352,6 +357,10 @@ def stream_generate(
             positions after an EOS the model wrote are not returned; pass
             `eos_token_id=()` to run every canvas, or limit the free positions to
             tokens other than EOS.
+        should_stop: polled on the host once per denoising step (no device sync); when it
+            returns True the generation raises `Cancelled` at that step. A server passes
+            its client's hang-up and deadline here, so no request outlives them by more
+            than one step.
         settings: overrides of `DiffusionConfig` fields, e.g. `max_denoising_steps=16`.
 
     Yields:
@@ -361,6 +370,7 @@ def stream_generate(
         ValueError: empty prompt, a token id outside the vocabulary, invalid seed or
             setting, prompt and canvases longer than the model's context, a layout
             longer than `max_tokens` or not fitting the model, or an unusable image.
+        Cancelled: `should_stop()` said so.
     """
     if layout is not None and max_tokens is None:
         max_tokens = len(layout)
@@ -369,7 +379,9 @@ def stream_generate(
     cache = prompt_cache if prompt_cache is not None else PromptCache(model)
     new, images = _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking)
     with wired_limit(model, [generation_stream()]):
-        yield from _stream(model, tokenizer, cache, new, images, config, seed, layout, drafts)
+        yield from _stream(
+            model, tokenizer, cache, new, images, config, seed, layout, drafts, should_stop
+        )
 
 
 def _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking):
@@ -444,7 +456,9 @@ def _kept(block: Block, budget: int, last_canvas: bool) -> Tuple[int, Optional[s
     return budget, "length" if stop >= 0 or last_canvas else None
 
 
-def _stream(model, tokenizer, cache: PromptCache, new, images, config, seed, layout, drafts):
+def _stream(
+    model, tokenizer, cache: PromptCache, new, images, config, seed, layout, drafts, should_stop
+):
     """`stream_generate` once its arguments are checked."""
     n_canvases = math.ceil(config.max_new_tokens / model.args.canvas_length)
     conversation = cache.tokens + new  # plus the committed tokens, as they come
@@ -466,11 +480,16 @@ def _stream(model, tokenizer, cache: PromptCache, new, images, config, seed, lay
             cache=cache.layers,
             key=mx.random.key(seed),
             layout=layout,
-            drafts=drafts,
+            # The loop yields a step (lazily: nothing is evaluated for it) only when asked;
+            # a stop test needs one per step to get control back.
+            drafts=drafts or should_stop is not None,
         )
         for ev in events:
             if isinstance(ev, DenoiseStep):
-                yield stats.draft(ev)
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"stopped at step {ev.step} of canvas {ev.block}")
+                if drafts:
+                    yield stats.draft(ev)
                 continue
             budget = config.max_new_tokens - stats.n_out
             n, finish = _kept(ev, budget, ev.block + 1 >= n_canvases)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import secrets
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -54,6 +55,12 @@ class _SentencePiece:
         i = self._sp.piece_to_id(token)  # unknown pieces map to <unk>
         return i if self._sp.id_to_piece(i) == token else None
 
+    def special_pieces(self) -> List[str]:
+        """The special pieces `encode` matches in text (control pieces it never does)."""
+        sp = self._sp
+        pieces = (sp.id_to_piece(i) for i in range(self.vocab_size))
+        return [p for p in pieces if _MARKER.fullmatch(p)]
+
     def _special(self, i: int) -> bool:
         sp = self._sp
         return sp.is_control(i) or sp.is_unknown(i) or bool(_MARKER.fullmatch(sp.id_to_piece(i)))
@@ -94,6 +101,11 @@ class _TokenizersJSON:
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
+
+    def special_pieces(self) -> List[str]:
+        """The added tokens `encode` matches in text: special ones and Gemma markers."""
+        added = self._tok.get_added_tokens_decoder().values()
+        return [t.content for t in added if t.special or _MARKER.fullmatch(t.content)]
 
     def decode(self, ids: List[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -156,6 +168,7 @@ class Tokenizer:
         self._template = _compile_template(chat_template) if chat_template else None
         self._bos_id = backend.token_to_id(special_tokens["bos_token"])
         self._pad_id = backend.token_to_id(special_tokens["pad_token"])
+        self._guard: Optional[_TextGuard] = None  # built on first use (a vocabulary scan)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path]) -> "Tokenizer":
@@ -228,6 +241,51 @@ class Tokenizer:
         """Token ids of `text`, with no BOS added; markers such as `<|turn>` map to their ids."""
         return self._backend.encode(text)
 
+    def protect(self, text: str) -> str:
+        """`text` with every special piece (`<turn|>`, `<|tool_call>`, ...) replaced by a
+        placeholder that `encode_rendered` encodes as ordinary text; see `_TextGuard`."""
+        return self._text_guard().protect(text)
+
+    def protect_messages(self, messages: Sequence[dict]) -> List[dict]:
+        """Chat messages whose text is `protect`ed (an assistant turn's thoughts are
+        dropped first, as the Gemma 4 template drops them, since their markers will not
+        be seen as markers any more)."""
+        out = []
+        for m in messages:
+            m = dict(m)
+            content = m.get("content")
+            if m.get("role") in ("assistant", "model") and isinstance(content, str):
+                content = _strip_thoughts(content)
+            if isinstance(content, str):
+                m["content"] = self.protect(content)
+            elif isinstance(content, list):
+                m["content"] = [self._protect_part(p) for p in content]
+            out.append(m)
+        return out
+
+    def _protect_part(self, part):
+        if (
+            isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+        ):
+            return {**part, "text": self.protect(part["text"])}
+        return part
+
+    def encode_rendered(self, text: str) -> List[int]:
+        """Ids of a rendered prompt: a leading BOS mapped, the template's markers special,
+        `protect`ed message text as ordinary tokens."""
+        ids = []
+        if text.startswith(self.bos_token):
+            # sentencepiece never matches control pieces in text, so map the <bos> here.
+            ids, text = [self.bos_token_id], text[len(self.bos_token) :]
+        return ids + self._text_guard().encode(self, text)
+
+    def _text_guard(self) -> "_TextGuard":
+        if self._guard is None:
+            self._guard = _TextGuard(self._backend.special_pieces())
+        return self._guard
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; `skip_special_tokens` drops `<bos>`, `<|turn>`, `<channel|>`, ..."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens)
@@ -255,8 +313,13 @@ class Tokenizer:
             tokenize: return token ids (BOS included) instead of the text.
 
         Returns:
-            Token ids, or the prompt text when `tokenize` is False.
+            Token ids, or the prompt text when `tokenize` is False. Token ids never hold
+            a control token written in a message: message text is `protect`ed, so a
+            `<turn|>` typed by a user costs several ordinary tokens instead of closing
+            the turn (the template's own markers stay special).
         """
+        if tokenize:
+            messages = self.protect_messages(messages)
         if self._template is not None:
             text = self._template.render(
                 messages=messages,
@@ -270,10 +333,45 @@ class Tokenizer:
             )
         if not tokenize:
             return text
-        # sentencepiece never matches control pieces in text, so map the leading <bos> here.
-        if text.startswith(self.bos_token):
-            return [self.bos_token_id] + self.encode(text[len(self.bos_token) :])
-        return self.encode(text)
+        return self.encode_rendered(text)
+
+
+class _TextGuard:
+    """Keeps message text from becoming control tokens.
+
+    `protect` replaces each special piece in a text with a placeholder (private-use
+    characters around a per-process random tag and the piece's index) that no template
+    changes and no tokenizer merges; `encode` encodes the text around placeholders as
+    usual and each placeholder as its piece's characters, split until no special piece
+    matches (`<turn|>` -> `<` + `turn|>`). A client cannot forge a placeholder usefully:
+    it only ever becomes ordinary tokens.
+    """
+
+    def __init__(self, pieces: Sequence[str]):
+        self.pieces = sorted(set(pieces), key=len, reverse=True)
+        self.tag = secrets.token_hex(6)
+        alternatives = "|".join(re.escape(p) for p in self.pieces) or r"(?!x)x"
+        self.find = re.compile(alternatives)
+        self.placeholder = re.compile("\ue000" + self.tag + r"(\d+)\ue001")
+        self.index = {p: i for i, p in enumerate(self.pieces)}
+
+    def protect(self, text: str) -> str:
+        return self.find.sub(lambda m: f"\ue000{self.tag}{self.index[m.group()]}\ue001", text)
+
+    def encode(self, tokenizer: "Tokenizer", text: str) -> List[int]:
+        ids, pos = [], 0
+        for m in self.placeholder.finditer(text):
+            ids += tokenizer.encode(text[pos : m.start()])
+            ids += self.plain(tokenizer, self.pieces[int(m.group(1))])
+            pos = m.end()
+        return ids + tokenizer.encode(text[pos:])
+
+    def plain(self, tokenizer: "Tokenizer", text: str) -> List[int]:
+        """Ids of `text` with no special piece matched (split into smaller runs until none is)."""
+        ids = tokenizer.encode(text)
+        if len(text) == 1 or not any(tokenizer.decode([i]) in self.index for i in ids):
+            return ids
+        return self.plain(tokenizer, text[:1]) + self.plain(tokenizer, text[1:])
 
 
 def render_gemma4_chat(

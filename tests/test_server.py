@@ -99,8 +99,10 @@ def _chat(oai, text, **kw):
 
 
 def test_models_and_health(server, oai, tiny_checkpoint):
-    assert [m.id for m in oai.models.list().data] == [str(tiny_checkpoint)]
-    assert httpx.get(server + "/health").json()["status"] == "ok"
+    # A short id, never the local path.
+    assert [m.id for m in oai.models.list().data] == [tiny_checkpoint.name]
+    health = httpx.get(server + "/health").json()
+    assert health["status"] == "ok" and health["worker"] in ("idle", "busy")
 
 
 def test_chat_non_streaming_usage_and_seed(oai, tok):
@@ -344,7 +346,8 @@ def test_drafts_are_an_opt_in_extension(server):
 )
 def test_malformed_requests_get_4xx(server, path, body, status):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(server + path, timeout=30, **kw)
+    headers = {"content-type": "application/json"}
+    r = httpx.post(server + path, timeout=30, headers=headers, **kw)
     assert r.status_code == status
     err = r.json()
     if path == "/v1/messages":

@@ -1,72 +1,68 @@
 """The HTTP app (FastAPI on uvicorn) and `main(argv)`.
 
 Endpoints: POST /v1/chat/completions, /v1/completions, /v1/messages; GET /v1/models,
-/health. Every request is parsed and checked here, run by the one `Worker`, and written
-in its API's format. Errors are JSON in the caller's API style; the server keeps serving.
+/health. Every request passes the HTTP limits (`http.py`), is parsed and checked here,
+run by the one `Worker`, and written in its API's format. Errors are JSON in the caller's
+API style, 404 and 405 included; the server keeps serving.
 """
 
 import argparse
 import asyncio
 import inspect
 import logging
-import queue
+import os
 import sys
 import time
-from typing import List, Optional
+from pathlib import Path
+from typing import Iterable, List, Optional
 
 from ..options import passthrough_command
+from . import limits
+from .errors import api_of, error_body
 from .formats import AnthropicMessages, OpenAIChat, OpenAICompletion, sse
+from .http import LOCAL_HOSTS, Guard, guarded_h11, host_name, raise_open_file_limit
 from .protocol import RequestError, parse_chat, parse_completion, parse_json, parse_messages
-from .worker import Job, Worker
+from .worker import Job, QueueFull, Worker
 
 RETRY_AFTER_S = 1  # what a refused client is told to wait
 _POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
 
-def _error_body(api: str, status: int, message: str, param: Optional[str] = None) -> dict:
-    if api == "messages":
-        kind = {400: "invalid_request_error", 503: "overloaded_error"}.get(status, "api_error")
-        return {"type": "error", "error": {"type": kind, "message": message}}
-    kind = {400: "invalid_request_error", 503: "server_busy"}.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
 def _status(e: Exception) -> int:
-    if isinstance(e, RequestError):
-        return e.status
-    return 500
+    return getattr(e, "status", 500)
 
 
 def _error(api: str, status: int, message: str, param=None, headers=None):
     from fastapi.responses import JSONResponse
 
-    body = _error_body(api, status, message, param)
+    body = error_body(api, status, message, param)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _stream_error(api: str, e: Exception) -> str:
-    body = _error_body(api, _status(e), str(e))
+    body = error_body(api, _status(e), str(e), getattr(e, "param", None))
     return sse(body, "error") if api == "messages" else sse(body)
 
 
-async def _next_item(job: Job, request):
+async def _next_item(worker: Worker, job: Job, request):
     """The job's next `(kind, payload)`; a client that went away cancels the job."""
     while True:
         try:
             return await asyncio.wait_for(job.out.get(), _POLL_S)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                job.cancelled.set()
+                worker.cancel(job)
                 return ("gone", None)
 
 
-async def _stream(job: Job, first, fmt, api: str, request):
+async def _stream(worker: Worker, job: Job, first, fmt, api: str, request):
     """The SSE lines of a streamed reply; leaving early (hang-up) cancels the job."""
+    done = False
     try:
         for line in fmt.start() + fmt.chunks(first):
             yield line
         while True:
-            kind, payload = await _next_item(job, request)
+            kind, payload = await _next_item(worker, job, request)
             if kind != "event":
                 if kind == "error":
                     yield _stream_error(api, payload)
@@ -74,55 +70,76 @@ async def _stream(job: Job, first, fmt, api: str, request):
             for line in fmt.chunks(payload):
                 yield line
             if payload.kind == "done":
+                done = True
                 return
     finally:
-        job.cancelled.set()  # a no-op after "done"; stops the worker otherwise
+        if not done:
+            worker.cancel(job)  # stops the worker at its next step
 
 
-async def _whole(job: Job, first, fmt, api: str, request):
+async def _whole(worker: Worker, job: Job, first, fmt, api: str, request):
     """A reply in one JSON body, once the job is done."""
     from fastapi.responses import JSONResponse
 
     events = [first]
     while events[-1].kind != "done":
-        kind, payload = await _next_item(job, request)
+        kind, payload = await _next_item(worker, job, request)
         if kind == "error":
-            return _error(api, _status(payload), str(payload))
+            return _error(api, _status(payload), str(payload), getattr(payload, "param", None))
         if kind != "event":
             return _error(api, 500, "The generation ended without a reply.")
         events.append(payload)
     return JSONResponse(fmt.body(events))
 
 
-async def _serve(worker: Worker, model_id: str, request, api: str, parse, fmt_cls):
+async def _serve(app_state, request, api: str, parse, fmt_cls):
     """Parse, queue, wait for the first event (errors before it are plain 4xx/5xx), reply."""
     from fastapi.responses import StreamingResponse
 
+    worker = app_state.worker
     try:
         req = parse(parse_json(await request.body()))
         if req.include_drafts and not req.stream:
             raise RequestError("include_drafts needs stream: true.", "include_drafts")
     except RequestError as e:
         return _error(api, e.status, str(e), e.param)
-    job = Job(req, asyncio.get_running_loop())
+    job = Job(req, asyncio.get_running_loop(), app_state.request_timeout)
     try:
         worker.submit(job)
-    except queue.Full:
+    except QueueFull:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
         return _error(api, 503, "The server is busy (queue full); retry later.", None, headers)
-    kind, first = await _next_item(job, request)
+    kind, first = await _next_item(worker, job, request)
     if kind == "error":
         return _error(api, _status(first), str(first), getattr(first, "param", None))
     if kind != "event":
         return _error(api, 500, "The generation ended without a reply.")
-    fmt = fmt_cls(model_id, req.include_usage)
+    fmt = fmt_cls(app_state.model_id, req.include_usage)
     if req.stream:
-        body = _stream(job, first, fmt, api, request)
+        body = _stream(worker, job, first, fmt, api, request)
         return StreamingResponse(body, media_type="text/event-stream")
-    return await _whole(job, first, fmt, api, request)
+    return await _whole(worker, job, first, fmt, api, request)
 
 
-def create_app(model, tokenizer, model_id: str, queue_size: int = 8, cache_size: int = 4):
+def served_name(model: str) -> str:
+    """The id replies carry for `--model`: a local folder's name, or the hub repo id
+    (a local path is never shown to clients)."""
+    path = Path(model)
+    return path.resolve().name if path.exists() else model
+
+
+def create_app(
+    model,
+    tokenizer,
+    model_id: str,
+    queue_size: int = 8,
+    cache_size: int = 4,
+    *,
+    request_timeout: float = limits.REQUEST_TIMEOUT_S,
+    max_body_bytes: int = limits.MAX_BODY_BYTES,
+    allowed_hosts: Iterable[str] = LOCAL_HOSTS,
+    docs: bool = False,
+):
     """The FastAPI app serving `model` (one worker thread, started here).
 
     Args:
@@ -130,27 +147,44 @@ def create_app(model, tokenizer, model_id: str, queue_size: int = 8, cache_size:
         model_id: the name `/v1/models` lists and replies carry.
         queue_size: requests that may wait besides the running one (more get 503).
         cache_size: prompt caches kept for reuse across requests.
+        request_timeout: seconds a request may take, queue included (0: no limit).
+        max_body_bytes: the largest request body (413 above it).
+        allowed_hosts: host names the `Host` header may give ("*": any).
+        docs: serve /docs, /redoc and /openapi.json.
     """
     from fastapi import FastAPI, Request
+    from starlette.exceptions import HTTPException
 
-    app = FastAPI(title="mlx_diffgemma")
-    worker = Worker(model, tokenizer, queue_size, cache_size)
-    app.state.worker = worker
+    paths = ("/docs", "/redoc", "/openapi.json") if docs else (None, None, None)
+    app = FastAPI(
+        title="mlx_diffgemma", docs_url=paths[0], redoc_url=paths[1], openapi_url=paths[2]
+    )
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
+    state = app.state
+    state.worker = Worker(model, tokenizer, queue_size, cache_size)
+    state.model_id, state.request_timeout = model_id, request_timeout
     created = int(time.time())
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return _error(api_of(request.url.path), e.status_code, str(e.detail), None, e.headers)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception):
+        logging.getLogger("mlx_diffgemma.server").exception("request failed")
+        return _error(api_of(request.url.path), 500, f"Internal error ({type(e).__name__}).")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await _serve(worker, model_id, request, "chat", parse_chat, OpenAIChat)
+        return await _serve(state, request, "chat", parse_chat, OpenAIChat)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        fmt = OpenAICompletion
-        return await _serve(worker, model_id, request, "completions", parse_completion, fmt)
+        return await _serve(state, request, "completions", parse_completion, OpenAICompletion)
 
     @app.post("/v1/messages")
     async def messages(request: Request):
-        fmt = AnthropicMessages
-        return await _serve(worker, model_id, request, "messages", parse_messages, fmt)
+        return await _serve(state, request, "messages", parse_messages, AnthropicMessages)
 
     @app.get("/v1/models")
     async def models():
@@ -159,7 +193,11 @@ def create_app(model, tokenizer, model_id: str, queue_size: int = 8, cache_size:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **worker.stats()}
+        from fastapi.responses import JSONResponse
+
+        stats = state.worker.stats()
+        ok = stats["worker"] != "stuck"
+        return JSONResponse({"status": "ok" if ok else "stuck", **stats}, 200 if ok else 503)
 
     return app
 
@@ -174,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="Address to bind [default: 127.0.0.1].")
     p.add_argument("--port", type=int, default=8080, help="Port [default: 8080].")
     p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="The model id replies and /v1/models give [default: the folder or repo name].",
+    )
+    p.add_argument(
         "--queue-size",
         type=int,
         default=8,
@@ -185,8 +228,47 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="Prompt caches kept for reuse across requests [default: 4].",
     )
+    _limit_flags(p)
+    p.add_argument(
+        "--docs", action="store_true", help="Serve /docs, /redoc and /openapi.json [off]."
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def _limit_flags(p: argparse.ArgumentParser):
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=limits.REQUEST_TIMEOUT_S,
+        help="Seconds a request may take, queue included; its work stops at the next "
+        f"denoising step after it (0: no limit) [default: {limits.REQUEST_TIMEOUT_S:g}].",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=limits.MAX_BODY_BYTES,
+        help=f"Largest request body; larger get 413 [default: {limits.MAX_BODY_BYTES}].",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=limits.HEADER_TIMEOUT_S,
+        help="Seconds a connection may take to send a request head before it is closed "
+        f"[default: {limits.HEADER_TIMEOUT_S:g}].",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=limits.MAX_CONNECTIONS,
+        help=f"Open connections at most; more are closed [default: {limits.MAX_CONNECTIONS}].",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="Comma-separated host names the Host header may also give, besides the bound "
+        "host, localhost, 127.0.0.1 and ::1 ('*': any; needed behind a proxy or a LAN name).",
+    )
 
 
 def load_model(model: str, adapter_path: Optional[str]):
@@ -203,12 +285,22 @@ def load_model(model: str, adapter_path: Optional[str]):
     return load(model, adapter_path=adapter_path)
 
 
+def _check_args(args):
+    for name in ("queue_size", "max_body_bytes", "max_connections"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            sys.exit(f"Error: {flag} must be at least 1 (got {getattr(args, name)}).")
+    for name in ("request_timeout", "header_timeout"):
+        if not getattr(args, name) >= 0:
+            flag = "--" + name.replace("_", "-")
+            sys.exit(f"Error: {flag} must be >= 0 seconds (got {getattr(args, name)}).")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """`python -m mlx_diffgemma.server --model M [--adapter-path A] [--host H] [--port P]`."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    if args.queue_size < 1:
-        sys.exit(f"Error: --queue-size must be at least 1 (got {args.queue_size}).")
+    _check_args(args)
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -221,9 +313,47 @@ def main(argv: Optional[List[str]] = None) -> None:
         model, tokenizer = load_model(args.model, args.adapter_path)
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"Error: {e}")
+    hosts = [*LOCAL_HOSTS, host_name(args.host)]
+    hosts += [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    app = create_app(
+        model,
+        tokenizer,
+        args.served_model_name or served_name(args.model),
+        args.queue_size,
+        args.prompt_cache_size,
+        request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        allowed_hosts=hosts,
+        docs=args.docs,
+    )
+    _run(app, args, uvicorn)
 
-    app = create_app(model, tokenizer, args.model, args.queue_size, args.prompt_cache_size)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+
+def _run(app, args, uvicorn):
+    """uvicorn with the HTTP limits; a shutdown signal stops the worker at its next step
+    (in-flight clients get a 503), and the process waits for it, so MLX is never torn
+    down mid-computation (a second Ctrl-C would otherwise abort the process)."""
+    worker = app.state.worker
+    files = raise_open_file_limit(args.max_connections + 256)
+    max_connections = min(args.max_connections, max(16, files - 64))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            worker.close()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        http=guarded_h11(args.header_timeout or 1e9, max_connections),
+        timeout_graceful_shutdown=10,
+    )
+    Server(config).run()
+    if not worker.close(timeout=60):
+        logging.getLogger("mlx_diffgemma.server").error("the worker did not stop; exiting")
+        os._exit(1)
 
 
 serve_command = passthrough_command(

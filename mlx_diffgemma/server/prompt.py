@@ -71,9 +71,15 @@ def _call_name(calls: List[tuple], call_id: Optional[str], index: int) -> str:
 
 
 def tool_prompt_ids(tokenizer, req: GenRequest, enable_thinking: bool) -> List[int]:
-    """Token ids of a conversation with tools (see the module docstring)."""
-    declarations = render_declarations(req.tools) if req.tool_choice != "none" else ""
-    turns, open_turn = _turns(req.messages, declarations)
+    """Token ids of a conversation with tools (see the module docstring).
+
+    Every string a client wrote (message text, tool declarations, call arguments, tool
+    results) is `protect`ed before the tool format and the template wrap it, so none of
+    it can become a control token (`<tool_call|>`, `<turn|>`, `<|"|>`, ...).
+    """
+    tools = _protected(tokenizer, req.tools)
+    declarations = render_declarations(tools) if req.tool_choice != "none" else ""
+    turns, open_turn = _turns(_protected_messages(tokenizer, req.messages), declarations)
     head, tail = (turns[:-1], turns[-1]["content"]) if open_turn else (turns, "")
     try:
         text = tokenizer.apply_chat_template(
@@ -81,8 +87,27 @@ def tool_prompt_ids(tokenizer, req: GenRequest, enable_thinking: bool) -> List[i
         )
     except ValueError as e:
         raise RequestError(str(e), "messages") from None
-    text += tail
-    bos = tokenizer.bos_token
-    if text.startswith(bos):
-        return [tokenizer.bos_token_id] + tokenizer.encode(text[len(bos) :])
-    return tokenizer.encode(text)
+    return tokenizer.encode_rendered(text + tail)
+
+
+def _protected(tokenizer, value):
+    """`value` with every string in it (keys too) `protect`ed."""
+    if isinstance(value, str):
+        return tokenizer.protect(value)
+    if isinstance(value, dict):
+        return {_protected(tokenizer, k): _protected(tokenizer, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_protected(tokenizer, v) for v in value]
+    return value
+
+
+def _protected_messages(tokenizer, messages: List[Message]) -> List[Message]:
+    out = []
+    for m in messages:
+        calls = [
+            (cid, tokenizer.protect(name), _protected(tokenizer, args))
+            for cid, name, args in m.tool_calls
+        ]
+        content = tokenizer.protect_messages([{"role": m.role, "content": m.content}])[0]["content"]
+        out.append(Message(m.role, content, calls, m.tool_call_id))
+    return out

@@ -9,10 +9,12 @@ schedule's shape. T = 0 (greedy) maps to T = 1e-3, where sampling is argmax in p
 """
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ..config import FAST_SETTINGS, MODES, DiffusionConfig
+from . import limits
 
 GREEDY_TEMPERATURE = 1e-3
 THINKING_EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
@@ -96,13 +98,56 @@ _WHY = {
 
 
 def parse_json(body: bytes) -> Dict[str, Any]:
+    """The body as a JSON object whose nesting is bounded and whose strings are all valid
+    Unicode (a lone surrogate such as "\\ud800" is refused here, naming its field)."""
     try:
         data = json.loads(body)
+    except RecursionError:
+        raise RequestError(
+            f"The request body nests deeper than {limits.MAX_JSON_DEPTH} levels."
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"The request body is not valid JSON ({e}).") from None
     if not isinstance(data, dict):
         raise RequestError("The request body must be a JSON object.")
+    _check_tree(data)
     return data
+
+
+def _check_tree(data):
+    """Depth and Unicode of every value, iteratively (no recursion on hostile input)."""
+    todo = [(data, "", 0)]
+    while todo:
+        value, path, depth = todo.pop()
+        if depth > limits.MAX_JSON_DEPTH:
+            raise RequestError(
+                f"'{path}' nests deeper than {limits.MAX_JSON_DEPTH} levels.", _top(path)
+            )
+        if isinstance(value, dict):
+            for k, v in value.items():
+                where = f"{path}.{k}" if path else str(k)
+                _check_text(k, where)
+                todo.append((v, where, depth + 1))
+        elif isinstance(value, list):
+            todo += [(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, where: str):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            f"'{where}' holds a lone surrogate {text[e.start]!r} at character {e.start}, "
+            "which is not text; send valid UTF-16 pairs or UTF-8.",
+            _top(where),
+        ) from None
+
+
+def _top(path: str) -> Optional[str]:
+    """The request field a path lies in (`messages[0].content` -> `messages`)."""
+    return re.split(r"[.\[]", path, maxsplit=1)[0] or None
 
 
 def _neutral(name: str, value) -> bool:
@@ -132,10 +177,12 @@ def _typed(data, name, kinds, what, default=None):
     return value
 
 
-def _positive_int(data, name):
+def _positive_int(data, name, most: Optional[int] = None):
     value = _typed(data, name, (int,), "a positive integer")
     if value is not None and value <= 0:
         raise RequestError(f"'{name}' must be a positive integer (got {value}).", name)
+    if value is not None and most is not None and value > most:
+        raise RequestError(f"'{name}' must be at most {most} (got {value}).", name)
     return value
 
 
@@ -144,17 +191,18 @@ def _common(data: Dict[str, Any], req: GenRequest, tokens_field: str = "max_toke
     req.max_tokens = _positive_int(data, tokens_field)
     req.stream = _typed(data, "stream", (bool,), "true or false", False)
     req.seed = _typed(data, "seed", (int,), "an integer")
-    if req.seed is not None and not 0 <= req.seed < 2**63:
-        raise RequestError(f"'seed' must be in [0, 2**63) (got {req.seed}).", "seed")
+    if req.seed is not None and not 0 <= req.seed < 2**32:
+        raise RequestError(f"'seed' must be in [0, 2**32) (got {req.seed}).", "seed")
     t = _typed(data, "temperature", (int, float), "a number in [0, 2]")
     if t is not None and not 0 <= t <= 2:
         raise RequestError(f"'temperature' must be in [0, 2] (got {t}).", "temperature")
     req.temperature = t
-    req.max_denoising_steps = _positive_int(data, "max_denoising_steps")
+    req.max_denoising_steps = _positive_int(data, "max_denoising_steps", limits.MAX_DENOISING_STEPS)
     eb = _typed(data, "entropy_bound", (int, float), "a number > 0")
     if eb is not None and not eb > 0:
         raise RequestError(f"'entropy_bound' must be > 0 (got {eb}).", "entropy_bound")
     req.entropy_bound = eb
+    _typed(data, "user", (str,), "a string")
     req.mode = _typed(data, "mode", (str,), "'exact' or 'fast'")
     if req.mode is not None and req.mode not in MODES:
         raise RequestError(f"'mode' must be 'exact' or 'fast' (got {req.mode!r}).", "mode")
@@ -165,9 +213,21 @@ def _common(data: Dict[str, Any], req: GenRequest, tokens_field: str = "max_toke
         raise RequestError("'metadata' must be an object.", "metadata")
 
 
+_FAST_CAPS = {
+    "top_k": limits.MAX_TOP_K,
+    "self_conditioning_top_k": limits.MAX_TOP_K,
+    "canvas_shrink": limits.MAX_CANVAS_SHRINK,
+    "repair": limits.MAX_REPAIR,
+}
+
+
 def _fast_settings(data: Dict[str, Any], mode: Optional[str]) -> Dict[str, Any]:
     """The fast-mode settings of a body, checked as `DiffusionConfig` checks them."""
     given = {name: data[name] for name in FAST_SETTINGS if data.get(name) is not None}
+    for name, most in _FAST_CAPS.items():
+        v = given.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and v > most:
+            raise RequestError(f"'{name}' must be at most {most} (got {v}).", name)
     try:
         DiffusionConfig(mode=mode or "exact", **given)
     except ValueError as e:
@@ -177,15 +237,34 @@ def _fast_settings(data: Dict[str, Any], mode: Optional[str]) -> Dict[str, Any]:
     return given
 
 
-def _stop(value, name="stop") -> List[str]:
+def _stop(value, name="stop", most=limits.MAX_STOP) -> List[str]:
     if value is None:
         return []
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
         raise RequestError(f"'{name}' must be a non-empty string or a list of them.", name)
-    if len(value) > 4 and name == "stop":
-        raise RequestError("'stop' takes at most 4 strings.", name)
+    if len(value) > most:
+        raise RequestError(f"'{name}' takes at most {most} strings (got {len(value)}).", name)
+    if any(len(s) > limits.MAX_STOP_CHARS for s in value):
+        raise RequestError(
+            f"Each of '{name}' must be at most {limits.MAX_STOP_CHARS} characters.", name
+        )
+    return value
+
+
+def _list(value, where: str, most: int, param: Optional[str] = None, empty=False) -> list:
+    """`value` as a list of at most `most` items (a missing value is an empty list)."""
+    if value is None:
+        value = []
+    if not isinstance(value, list):
+        raise RequestError(f"'{where}' must be a list (got {type(value).__name__}).", param)
+    if not value and not empty:
+        raise RequestError(f"'{where}' must not be empty.", param)
+    if len(value) > most:
+        raise RequestError(
+            f"'{where}' has {len(value)} items; at most {most} are accepted.", param or where
+        )
     return value
 
 
@@ -197,73 +276,95 @@ def _text(content, where: str) -> str:
         return content
     if isinstance(content, list):
         out = []
+        _list(content, where, limits.MAX_CONTENT_PARTS, _top(where), empty=True)
         for i, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise RequestError(
-                    f"{where}[{i}] has type {kind!r}; this model takes text parts only.", where
+                    f"{where}[{i}] has type {kind!r}; this model takes text parts only.",
+                    _top(where),
                 )
             if not isinstance(part.get("text"), str):
-                raise RequestError(f"{where}[{i}].text must be a string.", where)
+                raise RequestError(f"{where}[{i}].text must be a string.", _top(where))
             out.append(part["text"])
         return "".join(out)
-    raise RequestError(f"{where} must be a string or a list of text parts.", where)
+    raise RequestError(f"{where} must be a string or a list of text parts.", _top(where))
 
 
 def _arguments(raw, where: str) -> Dict[str, Any]:
     if isinstance(raw, dict):
         return raw
+    if raw is not None and not isinstance(raw, str):
+        raise RequestError(f"{where} must be a JSON object string.", _top(where))
     try:
         args = json.loads(raw or "{}")
-    except (TypeError, ValueError):
-        raise RequestError(f"{where} is not a JSON object string.", where) from None
+    except (ValueError, RecursionError):
+        raise RequestError(f"{where} is not a JSON object string.", _top(where)) from None
     if not isinstance(args, dict):
-        raise RequestError(f"{where} must encode a JSON object.", where)
+        raise RequestError(f"{where} must encode a JSON object.", _top(where))
+    _check_tree(args)
     return args
 
 
 def _openai_messages(raw) -> List[Message]:
-    if not isinstance(raw, list) or not raw:
-        raise RequestError("'messages' must be a non-empty list.", "messages")
     out = []
-    for i, m in enumerate(raw):
+    for i, m in enumerate(_list(raw, "messages", limits.MAX_MESSAGES, "messages")):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError(f"{where} must be an object with a 'role'.", where)
+            raise RequestError(f"{where} must be an object with a 'role'.", "messages")
         role = m["role"]
         if role not in ("system", "developer", "user", "assistant", "tool"):
-            raise RequestError(f"{where}.role {role!r} is not supported.", where)
-        msg = Message("system" if role == "developer" else role, _text(m.get("content"), where))
-        for j, tc in enumerate(m.get("tool_calls") or ()):
+            raise RequestError(f"{where}.role {role!r} is not supported.", "messages")
+        content = _text(m.get("content"), f"{where}.content")
+        msg = Message("system" if role == "developer" else role, content)
+        calls = m.get("tool_calls")
+        if calls is not None and role != "assistant":
+            raise RequestError(
+                f"{where}.tool_calls: only assistant messages have them.", "messages"
+            )
+        for j, tc in enumerate(
+            _list(calls, f"{where}.tool_calls", limits.MAX_TOOL_CALLS, "messages", True)
+        ):
             fn = tc.get("function") if isinstance(tc, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise RequestError(f"{where}.tool_calls[{j}] needs function.name.", where)
+                raise RequestError(f"{where}.tool_calls[{j}] needs function.name.", "messages")
             args = _arguments(fn.get("arguments"), f"{where}.tool_calls[{j}].function.arguments")
-            msg.tool_calls.append((tc.get("id"), fn["name"], args))
+            msg.tool_calls.append((_optional_str(tc, "id", where), fn["name"], args))
         if role == "tool":
-            msg.tool_call_id = m.get("tool_call_id")
+            msg.tool_call_id = _optional_str(m, "tool_call_id", where)
         out.append(msg)
     return out
 
 
+def _optional_str(obj: dict, name: str, where: str) -> Optional[str]:
+    value = obj.get(name)
+    if value is not None and not isinstance(value, str):
+        raise RequestError(f"{where}.{name} must be a string.", _top(where))
+    return value
+
+
+def _schema_object(value, where: str, param: str) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(f"{where} must be a JSON Schema object.", param)
+    return value
+
+
 def _openai_tools(data) -> List[Dict[str, Any]]:
-    tools = data.get("tools")
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise RequestError("'tools' must be a list.", "tools")
     out = []
-    for i, t in enumerate(tools):
+    for i, t in enumerate(_list(data.get("tools"), "tools", limits.MAX_TOOLS, "tools", True)):
         fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise RequestError(
                 f"tools[{i}] must be {{type: function, function: {{name, ...}}}}.", "tools"
             )
+        where = f"tools[{i}].function"
         out.append(
             {
                 "name": fn["name"],
-                "description": fn.get("description") or "",
-                "parameters": fn.get("parameters") or {},
+                "description": _optional_str(fn, "description", where) or "",
+                "parameters": _schema_object(fn.get("parameters"), f"{where}.parameters", "tools"),
             }
         )
     return out
@@ -311,7 +412,9 @@ def _thinking_openai(data) -> Optional[bool]:
             )
         flag = _typed(kwargs, "enable_thinking", (bool,), "true or false")
         if flag is not None:
-            if effort is not None and THINKING_EFFORTS.get(effort) != flag:
+            if effort is not None and (
+                not isinstance(effort, str) or THINKING_EFFORTS.get(effort) != flag
+            ):
                 raise RequestError(
                     "reasoning_effort and chat_template_kwargs.enable_thinking disagree; give one.",
                     "reasoning_effort",
@@ -319,7 +422,7 @@ def _thinking_openai(data) -> Optional[bool]:
             return flag
     if effort is None:
         return None
-    if effort not in THINKING_EFFORTS:
+    if not isinstance(effort, str) or effort not in THINKING_EFFORTS:
         raise RequestError(
             f"'reasoning_effort' must be one of {sorted(THINKING_EFFORTS)} (got {effort!r}).",
             "reasoning_effort",
@@ -413,7 +516,7 @@ def parse_messages(data: Dict[str, Any]) -> GenRequest:
     _common(data, req)
     if req.max_tokens is None:
         raise RequestError("'max_tokens' is required.", "max_tokens")
-    req.stop = _stop(data.get("stop_sequences"), "stop_sequences")
+    req.stop = _stop(data.get("stop_sequences"), "stop_sequences", limits.MAX_STOP_SEQUENCES)
     req.include_usage = True
     messages = []
     if data.get("system") is not None:
@@ -437,38 +540,36 @@ def parse_messages(data: Dict[str, Any]) -> GenRequest:
 
 
 def _anthropic_tools(tools) -> List[Dict[str, Any]]:
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise RequestError("'tools' must be a list.", "tools")
     out = []
-    for i, t in enumerate(tools):
+    for i, t in enumerate(_list(tools, "tools", limits.MAX_TOOLS, "tools", True)):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise RequestError(f"tools[{i}] needs a name and an input_schema.", "tools")
+        where = f"tools[{i}]"
         out.append(
             {
                 "name": t["name"],
-                "description": t.get("description") or "",
-                "parameters": t.get("input_schema") or {},
+                "description": _optional_str(t, "description", where) or "",
+                "parameters": _schema_object(
+                    t.get("input_schema"), f"{where}.input_schema", "tools"
+                ),
             }
         )
     return out
 
 
 def _anthropic_messages(raw) -> List[Message]:
-    if not isinstance(raw, list) or not raw:
-        raise RequestError("'messages' must be a non-empty list.", "messages")
     out: List[Message] = []
-    for i, m in enumerate(raw):
+    for i, m in enumerate(_list(raw, "messages", limits.MAX_MESSAGES, "messages")):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise RequestError(f"{where} must have role user or assistant.", where)
+            raise RequestError(f"{where} must have role user or assistant.", "messages")
         content = m.get("content")
         if isinstance(content, str):
             out.append(Message(m["role"], content))
             continue
         if not isinstance(content, list):
-            raise RequestError(f"{where}.content must be a string or a list of blocks.", where)
+            raise RequestError(f"{where}.content must be a string or a list of blocks.", "messages")
+        _list(content, f"{where}.content", limits.MAX_CONTENT_PARTS, "messages")
         out += _anthropic_blocks(m["role"], content, where)
     return out
 
@@ -483,13 +584,18 @@ def _anthropic_blocks(role: str, blocks: list, where: str) -> List[Message]:
         elif kind == "thinking" and role == "assistant":
             continue  # earlier thoughts are not re-rendered (the chat template drops them)
         elif kind == "tool_use" and role == "assistant":
-            msg.tool_calls.append((b.get("id"), b.get("name"), b.get("input") or {}))
+            at = f"{where}.content[{j}]"
+            args = b.get("input")
+            if not isinstance(b.get("name"), str) or not isinstance(args, (dict, type(None))):
+                raise RequestError(f"{at} needs a string name and an object input.", "messages")
+            msg.tool_calls.append((_optional_str(b, "id", at), b["name"], args or {}))
         elif kind == "tool_result" and role == "user":
+            at = f"{where}.content[{j}]"
             result = b.get("content")
-            text = result if isinstance(result, str) else _text(result, f"{where}.content[{j}]")
-            out.append(Message("tool", text, tool_call_id=b.get("tool_use_id")))
+            text = result if isinstance(result, str) else _text(result, f"{at}.content")
+            out.append(Message("tool", text, tool_call_id=_optional_str(b, "tool_use_id", at)))
         else:
-            raise RequestError(f"{where}.content[{j}] has unsupported type {kind!r}.", where)
+            raise RequestError(f"{where}.content[{j}] has unsupported type {kind!r}.", "messages")
     if msg.content or msg.tool_calls or not out:
         out.append(msg)
     return out

@@ -8,11 +8,12 @@ reason, tool calls and token counts. Closing the generator stops the model's wor
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 from ..generate import PromptCache, resolve_config, stream_generate
 from ..infill import Hole, InfillTemplate, stream_infill
 from ..structured import json_template, spec_from_json_schema, validate_json
+from .limits import MAX_SCHEMA_ITEMS
 from .prompt import has_tools, plain_messages, tool_prompt_ids
 from .protocol import GREEDY_TEMPERATURE, GenRequest, RequestError
 from .textstream import TextStream, clean
@@ -81,14 +82,22 @@ def sampler_settings(model, req: GenRequest) -> Dict[str, Any]:
     return out
 
 
-def run(model, tokenizer, req: GenRequest, caches: CacheStore) -> Iterator[Event]:
-    """The events of one request (see the module docstring).
+def run(model, tokenizer, req: GenRequest, caches: CacheStore, should_stop=None) -> Iterator[Event]:
+    """The events of one request (see the module docstring); `should_stop()` is polled once
+    per denoising step, and the generation raises `Cancelled` when it says so.
 
     Raises:
         RequestError: before the first event, for requests the model cannot run.
         GenerationError: a structured reply failed validation on every attempt.
     """
-    kwargs = dict(sampler_settings(model, req), seed=req.seed)
+    limit = model.args.max_position_embeddings
+    if req.max_tokens is not None and req.max_tokens > limit:
+        raise RequestError(
+            f"'max_tokens' is {req.max_tokens}, more than the model's context of {limit} "
+            "tokens; lower it.",
+            "max_tokens",
+        )
+    kwargs = dict(sampler_settings(model, req), seed=req.seed, should_stop=should_stop)
     if req.seed is None:
         kwargs["seed"] = secrets.randbits(31)
     if req.schema is not None or req.json_object:
@@ -256,11 +265,14 @@ _SCHEMA_KEYS = {
 _ANNOTATIONS = {"type", "title", "description", "$schema", "examples", "default"}
 
 
-def check_schema(schema: Dict[str, Any], path: str = "$"):
-    """Refuse JSON Schema keywords the clamped canvas cannot enforce (RequestError)."""
+def check_schema(schema: Dict[str, Any], path: str = "$", limit: int = 1 << 20) -> int:
+    """Refuse JSON Schema keywords the clamped canvas cannot enforce, and malformed or
+    oversized parts (RequestError naming the path); returns the frame's size in tokens at
+    least, so a schema larger than `limit` (the context) is refused before it is laid out.
+    """
+    param = "response_format.json_schema.schema"
     kind = schema.get("type")
     allowed = _SCHEMA_KEYS.get(kind) if isinstance(kind, str) else None
-    param = "response_format.json_schema.schema"
     if allowed is None:
         raise RequestError(
             f"{path}: type {kind!r} cannot be enforced; use object, array, string, integer, "
@@ -275,22 +287,64 @@ def check_schema(schema: Dict[str, Any], path: str = "$"):
                 param,
             )
     if kind == "object":
-        props = schema.get("properties") or {}
-        missing = set(schema.get("required") or ()) - set(props)
-        if missing:
-            raise RequestError(f"{path}: required {sorted(missing)} are not properties.", param)
-        for k, v in props.items():
-            check_schema(v, f"{path}.{k}")
-    elif kind == "array" and isinstance(schema.get("items"), dict):
-        check_schema(schema["items"], f"{path}[]")
+        size = _object_size(schema, path, limit)
+    elif kind == "array":
+        size = _array_size(schema, path, limit)
+    else:
+        size = _count(schema, "x-max-tokens", path, 1, limit) or 1
+    if size > limit:
+        raise RequestError(
+            f"{path} needs at least {size} tokens, more than the model's context of {limit}.",
+            param,
+        )
+    return size
 
 
-def json_spec(req: GenRequest):
-    """The skeleton of a response_format request."""
+def _count(schema, key: str, path: str, least: int, most: int) -> Optional[int]:
+    v = schema.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not least <= v <= most):
+        raise RequestError(
+            f"{path}.{key} must be an integer from {least} to {most} (got {v!r}).",
+            "response_format.json_schema.schema",
+        )
+    return v
+
+
+def _object_size(schema, path: str, limit: int) -> int:
+    param = "response_format.json_schema.schema"
+    props = schema.get("properties") or {}
+    required = schema.get("required") or []
+    if not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values()):
+        raise RequestError(f"{path}.properties must be an object of schemas.", param)
+    if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
+        raise RequestError(f"{path}.required must be a list of property names.", param)
+    missing = set(required) - set(props)
+    if missing:
+        raise RequestError(f"{path}: required {sorted(missing)} are not properties.", param)
+    size = 2
+    for k, v in props.items():
+        size += len(k) + 2 + check_schema(v, f"{path}.{k}", limit)
+    return size
+
+
+def _array_size(schema, path: str, limit: int) -> int:
+    items = schema.get("items")
+    if items is not None and not isinstance(items, dict):
+        raise RequestError(
+            f"{path}.items must be a schema object.", "response_format.json_schema.schema"
+        )
+    n = _count(schema, "minItems", path, 0, MAX_SCHEMA_ITEMS)
+    _count(schema, "maxItems", path, 0, MAX_SCHEMA_ITEMS)
+    each = check_schema(items, f"{path}[]", limit) if items is not None else 1
+    return 2 + (n or 0) * (each + 1)
+
+
+def json_spec(req: GenRequest, limit: int = 1 << 20):
+    """The skeleton of a response_format request (`limit`: the model's context)."""
     if req.json_object:
         n = req.max_tokens or JSON_OBJECT_TOKENS
         return {"content": f"string:{max(1, n - 8)}"}
-    check_schema(req.schema)
+    check_schema(req.schema, limit=limit)
     try:
         return spec_from_json_schema(req.schema)
     except ValueError as e:
@@ -306,7 +360,7 @@ def _structured(model, tokenizer, req, kwargs) -> Iterator[Event]:
             "JSON); turn thinking off.",
             "reasoning_effort",
         )
-    spec = json_spec(req)
+    spec = json_spec(req, model.args.max_position_embeddings)
     try:
         template = json_template(tokenizer, spec)
     except ValueError as e:
