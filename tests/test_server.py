@@ -2,10 +2,6 @@
 `anthropic` clients (and raw HTTP for faults). One server for the whole module."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +10,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = {
@@ -46,38 +43,12 @@ WEATHER_TOOL = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "mlx_diffgemma.server", "--model", str(tiny_checkpoint)]
-    cmd += ["--port", str(port), "--queue-size", "8", "--log-level", "WARNING"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start:\n{log.read_text()}")
-        time.sleep(0.3)
-    yield url
-    alive = proc.poll() is None
-    proc.terminate()
-    proc.wait(timeout=20)
-    assert alive, f"the server process died:\n{log.read_text()}"
+    srv = ServerProcess(tiny_checkpoint, log, "--queue-size", "8")
+    yield srv.url
+    assert srv.stop(), f"the server process died:\n{log.read_text()}"
 
 
 @pytest.fixture(scope="module")

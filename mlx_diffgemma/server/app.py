@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,7 @@ def create_app(
     *,
     request_timeout: float = limits.REQUEST_TIMEOUT_S,
     max_body_bytes: int = limits.MAX_BODY_BYTES,
+    body_timeout: float = limits.BODY_TIMEOUT_S,
     allowed_hosts: Iterable[str] = LOCAL_HOSTS,
     docs: bool = False,
 ):
@@ -149,6 +151,7 @@ def create_app(
         cache_size: prompt caches kept for reuse across requests.
         request_timeout: seconds a request may take, queue included (0: no limit).
         max_body_bytes: the largest request body (413 above it).
+        body_timeout: seconds a body may take to arrive (408 after it; 0: no limit).
         allowed_hosts: host names the `Host` header may give ("*": any).
         docs: serve /docs, /redoc and /openapi.json.
     """
@@ -159,7 +162,12 @@ def create_app(
     app = FastAPI(
         title="mlx_diffgemma", docs_url=paths[0], redoc_url=paths[1], openapi_url=paths[2]
     )
-    app.add_middleware(Guard, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
+    app.add_middleware(
+        Guard,
+        allowed_hosts=allowed_hosts,
+        max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout or 1e9,
+    )
     state = app.state
     state.worker = Worker(model, tokenizer, queue_size, cache_size)
     state.model_id, state.request_timeout = model_id, request_timeout
@@ -258,6 +266,13 @@ def _limit_flags(p: argparse.ArgumentParser):
         f"[default: {limits.HEADER_TIMEOUT_S:g}].",
     )
     p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=limits.BODY_TIMEOUT_S,
+        help="Seconds a request body may take once its head has arrived (408 after it) "
+        f"[default: {limits.BODY_TIMEOUT_S:g}].",
+    )
+    p.add_argument(
         "--max-connections",
         type=int,
         default=limits.MAX_CONNECTIONS,
@@ -290,7 +305,7 @@ def _check_args(args):
         if getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")
             sys.exit(f"Error: {flag} must be at least 1 (got {getattr(args, name)}).")
-    for name in ("request_timeout", "header_timeout"):
+    for name in ("request_timeout", "header_timeout", "body_timeout"):
         if not getattr(args, name) >= 0:
             flag = "--" + name.replace("_", "-")
             sys.exit(f"Error: {flag} must be >= 0 seconds (got {getattr(args, name)}).")
@@ -323,6 +338,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         args.prompt_cache_size,
         request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes,
+        body_timeout=args.body_timeout,
         allowed_hosts=hosts,
         docs=args.docs,
     )
@@ -341,6 +357,9 @@ def _run(app, args, uvicorn):
         def handle_exit(self, sig, frame):
             worker.close()
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once it has shut down, which would end the
+            # process before the worker stopped; the exit below is the clean one.
+            getattr(self, "_captured_signals", []).clear()
 
     config = uvicorn.Config(
         app,
@@ -351,6 +370,10 @@ def _run(app, args, uvicorn):
         timeout_graceful_shutdown=10,
     )
     Server(config).run()
+    # The running job stops at its next denoising step; a further signal meanwhile must
+    # not tear MLX down under it (that aborts the process).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     if not worker.close(timeout=60):
         logging.getLogger("mlx_diffgemma.server").error("the worker did not stop; exiting")
         os._exit(1)

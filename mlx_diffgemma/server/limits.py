@@ -9,7 +9,7 @@ fixed, because no honest request comes near them.
 # HTTP (flags of `python -m mlx_diffgemma.server`).
 MAX_BODY_BYTES = 4 * 1024 * 1024  # --max-body-bytes: larger bodies get 413 unread
 HEADER_TIMEOUT_S = 10.0  # --header-timeout: a connection must send its headers in this time
-BODY_TIMEOUT_S = 30.0  # the body must arrive in this time once the headers have
+BODY_TIMEOUT_S = 30.0  # --body-timeout: the body must arrive in this time once the headers have
 REQUEST_TIMEOUT_S = 300.0  # --request-timeout: a request's work ends at the next step after it
 MAX_CONNECTIONS = 512  # --max-connections: more open connections are closed at once
 
