@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
 
+from ..config import FAST_SETTINGS
 from ..generate import PromptCache, resolve_config, stream_generate
 from ..infill import Hole, InfillTemplate, stream_infill
 from ..structured import json_template, spec_from_json_schema, validate_json
@@ -18,6 +19,7 @@ from .prompt import has_tools, plain_messages, tool_prompt_ids
 from .protocol import GREEDY_TEMPERATURE, GenRequest, RequestError
 from .textstream import TextStream, clean
 
+SETTING_NAMES = {"max_denoising_steps", "entropy_bound", "seed", "temperature", *FAST_SETTINGS}
 JSON_OBJECT_TOKENS = 64  # the string budget of response_format json_object without max_tokens
 JSON_ATTEMPTS = 3  # seeds tried before a structured reply that does not validate is an error
 
@@ -168,13 +170,14 @@ def _generate(model, tokenizer, req, caches, kwargs) -> Iterator[Event]:
         **kwargs,
     )
     stream = TextStream(req.stop, tools=has_tools(req))
-    return _drive(events, stream, lambda: caches.put(cache), cached)
+    param = "prompt" if req.api == "completions" else "messages"
+    return _drive(events, stream, lambda: caches.put(cache), cached, param)
 
 
-def _drive(events, stream, keep_cache, cached) -> Iterator[Event]:
+def _drive(events, stream, keep_cache, cached, param="messages") -> Iterator[Event]:
     last, finished, calls = None, False, []
     try:
-        for r in _checked(events):
+        for r in _checked(events, param):
             last = r
             if r.kind == "draft":
                 yield _draft(r)
@@ -200,14 +203,16 @@ def _drive(events, stream, keep_cache, cached) -> Iterator[Event]:
     yield _done(reason, last, cached, calls, stream.hit)
 
 
-def _checked(events):
-    """`events`, with the errors of its first step (validation) as RequestErrors."""
+def _checked(events, param: str = "messages"):
+    """`events`, with the errors of its first step (validation) as RequestErrors naming
+    `param`, or the setting the message starts with."""
     try:
         first = next(events)
     except StopIteration:
         return
     except ValueError as e:
-        raise RequestError(str(e)) from None
+        name = str(e).split(" ", 1)[0].strip("'")
+        raise RequestError(str(e), name if name in SETTING_NAMES else param) from None
     yield first
     yield from events
 
