@@ -1,7 +1,10 @@
 """A multi-turn chat that keeps the prompt cache between turns.
 
-Each turn encodes only its new tokens: the previous answer (the last canvas of a turn
-is never encoded while generating) and the new user turn.
+Each turn renders the whole conversation with the chat template and encodes only the
+ids past those the cache holds (the previous answer's last canvas, which is never encoded
+while generating, and the new user turn); where the template renders the history
+differently from what the cache holds (it drops or rewrites answers), the conversation is
+encoded afresh. Works with any chat template, the Sudoku toy's included.
 
     python examples/chat.py CHECKPOINT        (then type messages; Ctrl-D ends)
 """

@@ -42,8 +42,6 @@ from .tokenizer import split_thinking
 
 Prompt = Union[str, Sequence[int], mx.array, Sequence[Dict[str, Any]]]
 
-# A model turn's answer, stood in by this text, to render only what follows it.
-_ANSWER = "ANSWER-PLACEHOLDER-5e1f"
 # Headers that `split_thinking` removes from the start of an answer. Text that is still a
 # proper prefix of one may become a header with the next canvas, so it is held back.
 _HEADERS = ("<|channel>thought\n", "<|channel>final\n", "thought\n", "final\n")
@@ -120,10 +118,13 @@ class PromptCache:
     a chat-message prompt then closes the model turn as the chat template does
     (`<turn|>\\n`), so the history reads as the template renders it.
 
-    Thinking: the cache keeps the thought tokens of earlier answers. Re-rendering the
-    chat template would drop them; keeping them is what the model saw, and it saves
-    re-encoding the history. So a cached conversation differs from a re-rendered one
-    by those thoughts.
+    Chat: the cache keeps the conversation's messages (each answer as its text, thinking
+    excluded). A new turn renders the whole conversation with the chat template and
+    encodes only the ids past those the cache holds, once it checked that the cache
+    holds exactly the start of that rendering. Where it does not (a template that drops
+    or rewrites earlier answers, thinking, a re-tokenized answer), the conversation is
+    encoded afresh and `reencoded` is set: the model always sees what a fresh encoding
+    of the whole conversation gives.
 
     If a call stops early (the consumer stops iterating), the cache keeps what the call
     fed and committed so far.
@@ -134,14 +135,25 @@ class PromptCache:
         pending: ids the next call encodes before its prompt.
         enable_thinking: the thinking mode of the chat template, once a chat-message
             prompt started the conversation; None before.
+        messages: the conversation's chat messages so far, answers included.
+        reencoded: the last call encoded the whole conversation afresh, because the
+            chat template does not render it as the cache holds it.
     """
 
     def __init__(self, model):
+        self._make_cache = model.make_cache
         self.layers = model.make_cache()
         self.tokens: List[int] = []
         self.pending: List[int] = []
         self.enable_thinking: Optional[bool] = None
+        self.messages: List[dict] = []
+        self.reencoded = False
         self._broken = False
+
+    def _reset(self):
+        """Empty the cache (the conversation is encoded afresh)."""
+        self.layers = self._make_cache()
+        self.tokens, self.pending = [], []
 
     @property
     def offset(self) -> int:
@@ -224,36 +236,49 @@ def _is_messages(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict)
 
 
-def _continue_chat(tokenizer, messages) -> List[int]:
-    # Render the new messages after a stand-in model turn and keep what follows its
-    # answer: the turn close plus the new turns, exactly as the template writes them.
+def _continue_chat(tokenizer, messages, cache: PromptCache) -> Tuple[List[int], bool]:
+    """Ids of the next turn of a cached chat, and whether they are the whole conversation
+    (the cache does not hold the start of the template's rendering; see `PromptCache`)."""
     if any(m.get("role") in ("system", "developer") for m in messages):
         raise ValueError(
             "A system message can only start a conversation, and this prompt cache "
             "already holds one; start a new PromptCache to change the system prompt."
         )
-    history = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _ANSWER}]
-    text = tokenizer.apply_chat_template(
-        history + tokenizer.protect_messages(messages), add_generation_prompt=True, tokenize=False
+    if not cache.messages:
+        raise ValueError(
+            "This PromptCache holds a text or token prompt, not a chat; continue it with "
+            "text or token ids, or start a new PromptCache for chat messages."
+        )
+    full = tokenizer.apply_chat_template(
+        cache.messages + list(messages),
+        add_generation_prompt=True,
+        enable_thinking=cache.enable_thinking,
     )
-    return tokenizer.encode_rendered(text[text.index(_ANSWER) + len(_ANSWER) :])
+    held = cache.tokens + cache.pending
+    if held and full[: len(held)] == held and len(full) > len(held):
+        return full[len(held) :], False
+    return full, True
 
 
-def _prompt_ids(tokenizer, prompt: Prompt, cache: PromptCache, enable_thinking) -> List[int]:
-    """Ids of `prompt` to encode after what `cache` holds."""
+def _prompt_ids(
+    tokenizer, prompt: Prompt, cache: PromptCache, enable_thinking
+) -> Tuple[List[int], bool]:
+    """Ids of `prompt` to encode after what `cache` holds, and whether they replace it
+    (the whole conversation, encoded afresh)."""
     started = len(cache) > 0
     if _is_messages(prompt):
         if not started:
             cache.enable_thinking = bool(enable_thinking)
-            return tokenizer.apply_chat_template(
+            ids = tokenizer.apply_chat_template(
                 list(prompt), add_generation_prompt=True, enable_thinking=cache.enable_thinking
             )
+            return ids, False
         if enable_thinking is not None and enable_thinking != cache.enable_thinking:
             raise ValueError(
                 f"enable_thinking={enable_thinking} has no effect after the first turn "
                 "(the switch is in the system turn); start a new PromptCache to change it."
             )
-        return _continue_chat(tokenizer, prompt)
+        return _continue_chat(tokenizer, prompt, cache)
     if enable_thinking is not None:
         raise ValueError(
             "enable_thinking applies to chat-message prompts only; pass a list of messages, "
@@ -264,21 +289,21 @@ def _prompt_ids(tokenizer, prompt: Prompt, cache: PromptCache, enable_thinking) 
             raise ValueError("The prompt is empty; give some text.")
         ids = tokenizer.encode(prompt)
         bos = tokenizer.bos_token_id
-        return ids if started or ids[:1] == [bos] else [bos] + ids
+        return (ids if started or ids[:1] == [bos] else [bos] + ids), False
     ids = prompt.reshape(-1).tolist() if isinstance(prompt, mx.array) else [int(i) for i in prompt]
     if not ids:
         raise ValueError("The prompt is empty; give at least one token.")
-    return ids
+    return ids, False
 
 
-def _check_context(model, cache: PromptCache, new: int, config: DiffusionConfig):
+def _check_context(model, offset: int, new: int, config: DiffusionConfig):
     limit = model.args.max_position_embeddings
     C = model.args.canvas_length
     canvases = math.ceil(config.max_new_tokens / C)
-    held = cache.offset + new
+    held = offset + new
     if held > limit:
         raise ValueError(
-            f"The prompt is {held} tokens long (with {cache.offset} already in the cache), "
+            f"The prompt is {held} tokens long (with {offset} already in the cache), "
             f"more than the model's context of {limit} tokens (max_position_embeddings)."
         )
     if held + canvases * C > limit:
@@ -378,10 +403,17 @@ def stream_generate(
     seed = secrets.randbits(31) if seed is None else check_seed(seed)
     cache = prompt_cache if prompt_cache is not None else PromptCache(model)
     new, images = _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking)
-    with wired_limit(model, [generation_stream()]):
-        yield from _stream(
-            model, tokenizer, cache, new, images, config, seed, layout, drafts, should_stop
-        )
+    answer = []
+    try:
+        with wired_limit(model, [generation_stream()]):
+            for r in _stream(
+                model, tokenizer, cache, new, images, config, seed, layout, drafts, should_stop
+            ):
+                answer.append(r.text)
+                yield r
+    finally:
+        if _is_messages(prompt):  # the next turn renders it (see `PromptCache`)
+            cache.messages.append({"role": "assistant", "content": "".join(answer)})
 
 
 def _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking):
@@ -390,10 +422,16 @@ def _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking):
     if layout is not None:
         layout.check(model.args.vocab_size, config.max_new_tokens)
     cache._check()
-    ids = _prompt_ids(tokenizer, prompt, cache, enable_thinking)
-    check_token_ids(cache.pending + ids, model.args.vocab_size, "Prompt token id")
-    new, images = prompt_images(model, prompt, cache.pending, ids, cache.offset, config)
-    _check_context(model, cache, len(new), config)
+    ids, afresh = _prompt_ids(tokenizer, prompt, cache, enable_thinking)
+    pending, offset = ([], 0) if afresh else (cache.pending, cache.offset)
+    check_token_ids(pending + ids, model.args.vocab_size, "Prompt token id")
+    new, images = prompt_images(model, prompt, pending, ids, offset, config)
+    _check_context(model, offset, len(new), config)
+    if afresh:
+        cache._reset()
+    cache.reencoded = afresh
+    if _is_messages(prompt):
+        cache.messages = cache.messages + list(prompt)
     return new, images
 
 
@@ -587,10 +625,19 @@ def _answer(model, tokenizer, prompt, out: Output, verbose: bool, **kwargs):
             err=True,
         )
     if verbose:
+        cache = kwargs.get("prompt_cache")
+        if cache is not None and cache.reencoded:
+            click.echo(
+                "[The chat template does not render the conversation as the cache holds it "
+                f"(it rewrites earlier answers); encoded all {last.prompt_tokens} tokens afresh.]",
+                err=True,
+            )
         click.echo(format_stats(last), err=True)
 
 
-def _after_interrupt(cache: PromptCache, before: List[int], model) -> PromptCache:
+def _after_interrupt(
+    cache: PromptCache, before: Tuple[List[int], List[dict]], model
+) -> PromptCache:
     """The cache to go on with after Ctrl-C stopped an answer.
 
     Stopped while denoising, the cache holds the conversation with the answer so far.
@@ -600,8 +647,9 @@ def _after_interrupt(cache: PromptCache, before: List[int], model) -> PromptCach
     if not cache._broken:
         return cache
     fresh = PromptCache(model)
-    if before:
-        fresh.pending = list(before)
+    ids, messages = before
+    if ids:
+        fresh.pending, fresh.messages = list(ids), messages
         fresh.enable_thinking = cache.enable_thinking
     return fresh
 
@@ -624,7 +672,7 @@ def _chat(answer, model, system: Optional[str], think: bool, images=()):
         messages = [user_message(line, images if first else ())]
         if first and system:
             messages.insert(0, {"role": "system", "content": system})
-        before = cache.tokens + cache.pending
+        before = (cache.tokens + cache.pending, list(cache.messages))
         try:
             answer(messages, prompt_cache=cache, enable_thinking=think if first else None)
         except click.ClickException as e:  # refused before any work (e.g. too long)

@@ -4,6 +4,7 @@ Most tests drive `stream_generate` with a scripted model whose canvases are fixe
 ids, so the text is known; the real tiny checkpoint checks what needs real numerics.
 """
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -235,13 +236,38 @@ def test_prompt_cache_encodes_only_the_new_tokens(tok):
 def test_prompt_cache_matches_encoding_the_whole_conversation(tiny, tok):
     model, _ = tiny
     cache = PromptCache(model)
-    generate(model, tok, user(SKY), seed=1, prompt_cache=cache)
-    history, pending = cache.tokens + cache.pending, len(cache.pending)
+    answer = generate(model, tok, user(SKY), seed=1, prompt_cache=cache)
     second = list(stream_generate(model, tok, user("Sure?"), seed=2, prompt_cache=cache))
-    new = tok.encode("<turn|>\n<|turn>user\nSure?<turn|>\n<|turn>model\n")
-    assert second[-1].prompt_tokens == pending + len(new)
-    fresh = list(stream_generate(model, tok, history + new, seed=2))
+    conversation = user(SKY) + [{"role": "assistant", "content": answer}] + user("Sure?")
+    whole = tok.apply_chat_template(conversation)
+    # The babbled answer does not re-tokenize as it was generated, so the cache cannot
+    # be continued: the whole conversation is encoded afresh, as a fresh call would.
+    assert cache.reencoded and second[-1].prompt_tokens == len(whole)
+    assert (cache.tokens + cache.pending)[: len(whole)] == whole
+    fresh = list(stream_generate(model, tok, whole, seed=2))
     assert [r.token_ids for r in second] == [r.token_ids for r in fresh]
+
+
+@pytest.mark.parametrize("checkpoint", ["gemma", "toy"])
+def test_chat_of_three_turns_sees_the_whole_conversation(tiny, checkpoint):
+    """Any chat template (the toy's drops answers; Gemma's echoes them): at every turn
+    the model sees a fresh encoding of the whole conversation (issue 21)."""
+    if checkpoint == "toy":
+        model, tok = load(Path(__file__).resolve().parents[1] / "examples" / "sudoku_toy")
+        turns = ["460200500004120306340520604102013065"] * 3
+    else:
+        model, tok = tiny
+        turns = ["Hi.", "Why?", "Sure?"]
+    cache, conversation = PromptCache(model), []
+    for i, text in enumerate(turns):
+        conversation.append({"role": "user", "content": text})
+        out = list(
+            stream_generate(model, tok, user(text), seed=i, prompt_cache=cache, max_tokens=8)
+        )
+        whole = tok.apply_chat_template(conversation)
+        assert (cache.tokens + cache.pending)[: len(whole)] == whole, i
+        conversation.append({"role": "assistant", "content": "".join(r.text for r in out)})
+        assert cache.messages == conversation
 
 
 def test_thinking_is_split_from_the_answer(tok):
