@@ -143,6 +143,10 @@ def quantization_plan(
             continue
         choice = predicate(path, module)
         if choice is False:
+            # The recipe leaves the vision tower in float by design; anything else it
+            # refuses is a matrix whose rows its groups do not divide: count it.
+            if ".vision_tower." not in path and ".embed_vision." not in path:
+                skipped.append((path, module.weight.shape[-1], 64))
             continue
         params = {"group_size": group_size, "bits": bits}
         if isinstance(choice, dict):
@@ -739,11 +743,19 @@ def convert_command(q_bits, q_group_size, **kwargs):
     # Only the main thread may set signal handlers.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    started = time.time()
     try:
         convert(q_bits=int(q_bits), q_group_size=int(q_group_size), **kwargs)
     except (ValueError, OSError, RuntimeError) as e:
         raise click.ClickException(one_line(e)) from None
-    except KeyboardInterrupt:  # convert() has removed its partial output
+    except KeyboardInterrupt:  # convert() has removed its partial output, unless it was saved
+        saved = Path(kwargs["mlx_path"]).expanduser() / "config.json"
+        if saved.is_file() and saved.stat().st_mtime >= started:
+            what = "its upload did not finish" if kwargs.get("upload_repo") else "it is complete"
+            click.echo(
+                f"Interrupted after the conversion was saved to {saved.parent}: {what}.", err=True
+            )
+            raise click.exceptions.Exit(130 if kwargs.get("upload_repo") else 0) from None
         interrupted()
     finally:
         if main_thread:

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, save_config
 
 from .loader import get_model_path, load_model, read_config
-from .options import passthrough_command
+from .options import interrupted_line, passthrough_command, prog_name
 from .tuner.adapters import check_adapter_weights, fuse_adapters, load_adapters
 from .tuner.init import init_model
 
@@ -43,6 +43,11 @@ def _from_scratch(adapter_path: Path, config: dict):
 def fuse(model_path, adapter_path, save_path, dequantize: bool = False) -> Path:
     """Write base + adapter as one checkpoint folder; returns its path."""
     src, adapter_path, out = get_model_path(model_path), Path(adapter_path), Path(save_path)
+    if not (adapter_path / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{adapter_path} holds no adapter (adapter_config.json is missing); pass "
+            "--adapter-path with the folder that `mlx_diffgemma lora` wrote."
+        )
     adapter_config = json.loads((adapter_path / "adapter_config.json").read_text())
     if adapter_config.get("init_config") is not None:
         model, config = _from_scratch(adapter_path, adapter_config)
@@ -65,7 +70,9 @@ def fuse(model_path, adapter_path, save_path, dequantize: bool = False) -> Path:
 
 def main(argv=None) -> None:
     """Entry point (the lead's `mlx_diffgemma fuse` subcommand can call this)."""
-    p = argparse.ArgumentParser(prog="mlx_diffgemma.fuse", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog=prog_name("python -m mlx_diffgemma.fuse"), description=__doc__.splitlines()[0]
+    )
     p.add_argument("--model", required=True, help="The base model folder or hub repo.")
     p.add_argument("--adapter-path", default="adapters", help="Adapter folder [adapters].")
     p.add_argument("--save-path", default="fused_model", help="Output folder [fused_model].")
@@ -75,6 +82,8 @@ def main(argv=None) -> None:
         out = fuse(args.model, args.adapter_path, args.save_path, args.dequantize)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except KeyboardInterrupt:
+        sys.exit(interrupted_line())
     print(f"Fused model saved to {out}")
 
 

@@ -33,12 +33,13 @@ from .options import (
     interrupted,
     model_option,
     one_line,
+    read_stdin,
     sampler_flags,
     sampler_options,
     seed_option,
 )
 from .render import RESET, SHOW_CURSOR, Output
-from .tokenizer import split_thinking
+from .tokenizer import check_text, split_thinking
 
 Prompt = Union[str, Sequence[int], mx.array, Sequence[Dict[str, Any]]]
 
@@ -260,12 +261,27 @@ def _continue_chat(tokenizer, messages, cache: PromptCache) -> Tuple[List[int], 
     return full, True
 
 
+def _check_prompt_text(prompt: Prompt):
+    """ValueError naming where a prompt's text holds a lone surrogate or undecodable byte."""
+    if isinstance(prompt, str):
+        check_text(prompt, "The prompt")
+    elif _is_messages(prompt):
+        for i, m in enumerate(prompt):
+            content = m.get("content")
+            parts = [content] if isinstance(content, str) else content or []
+            for part in parts:
+                text = part if isinstance(part, str) else part.get("text")
+                if isinstance(text, str):
+                    check_text(text, f"Message {i}'s text")
+
+
 def _prompt_ids(
     tokenizer, prompt: Prompt, cache: PromptCache, enable_thinking
 ) -> Tuple[List[int], bool]:
     """Ids of `prompt` to encode after what `cache` holds, and whether they replace it
     (the whole conversation, encoded afresh)."""
     started = len(cache) > 0
+    _check_prompt_text(prompt)
     if _is_messages(prompt):
         if not started:
             cache.enable_thinking = bool(enable_thinking)
@@ -296,11 +312,15 @@ def _prompt_ids(
     return ids, False
 
 
-def _check_context(model, offset: int, new: int, config: DiffusionConfig):
+def _check_context(model, offset: int, new: int, config: DiffusionConfig, layout=None):
     limit = model.args.max_position_embeddings
     C = model.args.canvas_length
     canvases = math.ceil(config.max_new_tokens / C)
     held = offset + new
+    what, fix = f"max_tokens={config.max_new_tokens}", "lower max_tokens"
+    if layout is not None:
+        what = f"a layout of {config.max_new_tokens} tokens"
+        fix = "make the holes or the text after them shorter"
     if held > limit:
         raise ValueError(
             f"The prompt is {held} tokens long (with {offset} already in the cache), "
@@ -309,8 +329,8 @@ def _check_context(model, offset: int, new: int, config: DiffusionConfig):
     if held + canvases * C > limit:
         raise ValueError(
             f"The prompt ({held} tokens) plus {canvases} canvases of {C} tokens for "
-            f"max_tokens={config.max_new_tokens} need {held + canvases * C} positions, more "
-            f"than the model's context of {limit} (max_position_embeddings); lower max_tokens."
+            f"{what} need {held + canvases * C} positions, more than the model's context of "
+            f"{limit} (max_position_embeddings); {fix}."
         )
 
 
@@ -426,7 +446,7 @@ def _new_ids(model, tokenizer, prompt, cache, config, layout, enable_thinking):
     pending, offset = ([], 0) if afresh else (cache.pending, cache.offset)
     check_token_ids(pending + ids, model.args.vocab_size, "Prompt token id")
     new, images = prompt_images(model, prompt, pending, ids, offset, config)
-    _check_context(model, offset, len(new), config)
+    _check_context(model, offset, len(new), config, layout)
     if afresh:
         cache._reset()
     cache.reencoded = afresh
@@ -501,6 +521,7 @@ def _stream(
     n_canvases = math.ceil(config.max_new_tokens / model.args.canvas_length)
     conversation = cache.tokens + new  # plus the committed tokens, as they come
     detok, split = tokenizer.detokenizer(), _ThinkingSplit()
+    hidden = {tokenizer.pad_token_id, tokenizer.bos_token_id}
     stats = _Stats(tokenizer, len(new), seed)
     mx.reset_peak_memory()
     events = None
@@ -534,7 +555,10 @@ def _stream(
             keep = ev.tokens[0, :n].tolist()
             stats.add(ev, len(keep))
             conversation += keep
-            text = detok.add_tokens(keep) + (detok.finalize() if finish else "")
+            # Text never shows pad or BOS pieces (as mlx-lm's detokenizer skips special
+            # tokens); EOS already ended `keep`. The ids keep them.
+            shown = [t for t in keep if t not in hidden]
+            text = detok.add_tokens(shown) + (detok.finalize() if finish else "")
             thinking, answer = split.add(text, final=finish is not None)
             yield stats.response("commit", ev.block, ev.steps, answer, thinking, keep, finish)
             if finish:
@@ -600,7 +624,7 @@ def _read_prompt(prompt: Optional[str]) -> str:
             "Missing --prompt: give the message, - to read it from stdin, or use --chat."
         )
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
     if not prompt.strip():
         raise click.BadParameter(
             "the prompt is empty; give some text (or - to read it from stdin).",
@@ -666,6 +690,9 @@ def _chat(answer, model, system: Optional[str], think: bool, images=()):
         except EOFError:
             click.echo(err=True)
             return
+        except UnicodeDecodeError as e:  # a line that is not UTF-8: say so, go on
+            click.echo(f"Error: the line is not UTF-8 text ({e.reason}); type it again.", err=True)
+            continue
         if not line.strip():
             continue
         first = len(cache) == 0

@@ -31,7 +31,6 @@ model's context (`max_position_embeddings`), or generation raises a ValueError.
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
@@ -48,6 +47,8 @@ from .options import (
     interrupted,
     model_option,
     one_line,
+    read_file,
+    read_stdin,
     sampler_flags,
     sampler_options,
     seed_option,
@@ -411,9 +412,8 @@ def _read_text(text: Optional[str], path: Optional[str]) -> str:
     if (text is None) == (path is None):
         raise click.UsageError("Give the text with --text (- for stdin) or --file.")
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    return sys.stdin.read() if text == "-" else text
+        return read_file(path)
+    return read_stdin() if text == "-" else text
 
 
 def _run_infill(

@@ -42,6 +42,13 @@ def get_model_path(path_or_repo: Union[str, Path], revision: Optional[str] = Non
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=_HUB_FILES))
     except Exception as e:  # network, auth, missing repo: one message either way
+        if type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            raise FileNotFoundError(
+                f"{repo} is not in the local cache and the Hugging Face hub cannot be reached; "
+                "connect once to download it, pass a local checkpoint folder, or try the "
+                "offline demo: mlx_diffgemma generate --model examples/sudoku_toy "
+                '-p "460200500004120306340520604102013065"'
+            ) from None
         raise FileNotFoundError(
             f"{repo} is not a local folder and could not be downloaded from the Hugging Face "
             f"hub ({type(e).__name__}); pass a local checkpoint folder."

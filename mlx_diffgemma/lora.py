@@ -22,7 +22,7 @@ import yaml
 from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.utils import save_config
 
-from .options import passthrough_command
+from .options import interrupted_line, passthrough_command, prog_name
 from .tuner import adapters as A
 from .tuner.data import check_lengths, load_dataset
 from .tuner.init import init_model, read_init_config
@@ -63,7 +63,7 @@ CONFIG_DEFAULTS = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mlx_diffgemma.lora",
+        prog=prog_name("python -m mlx_diffgemma.lora"),
         description="LoRA, DoRA, QLoRA or full fine-tuning with DiffusionGemma's objective.",
     )
     a = p.add_argument
@@ -238,6 +238,8 @@ def main(argv=None) -> None:
         run(parse_args(argv))
     except (OSError, ValueError, KeyError, json.JSONDecodeError, yaml.YAMLError) as e:
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except KeyboardInterrupt:  # as `mlx_diffgemma lora` ends: one line, status 130
+        sys.exit(interrupted_line())
 
 
 lora_command = passthrough_command(

@@ -200,9 +200,42 @@ def sampler_flags(params: Dict[str, Optional[float]]) -> Dict[str, Optional[floa
     return {f: params[f.lstrip("-").replace("-", "_")] for f in SAMPLER_FLAGS}
 
 
+def decode_text(data: bytes, where: str) -> str:
+    """`data` as UTF-8 text, or a one-line ClickException naming `where` and the position."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise click.ClickException(
+            f"{where} is not UTF-8 text: byte 0x{data[e.start]:02x} at position {e.start}; "
+            "convert it to UTF-8 (e.g. iconv -t UTF-8)."
+        ) from None
+
+
+def read_stdin() -> str:
+    """All of stdin as UTF-8 text (a one-line error otherwise)."""
+    return decode_text(sys.stdin.buffer.read(), "stdin")
+
+
+def read_file(path: str) -> str:
+    """A file as UTF-8 text (a one-line error otherwise)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise click.ClickException(f"cannot read {path}: {e.strerror}.") from None
+    return decode_text(data, path)
+
+
 def one_line(e: BaseException) -> str:
     """The first line of an error's message (its type name when it has none)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def interrupted_line() -> int:
+    """Print the line Ctrl-C ends a command with; the exit status to end it with (argparse
+    entry points, which end with `sys.exit(interrupted_line())`)."""
+    print(("\n" if sys.stderr.isatty() else "") + "Interrupted.", file=sys.stderr)
+    return INTERRUPTED
 
 
 def interrupted(code: int = INTERRUPTED):
@@ -223,6 +256,13 @@ def passthrough_command(name: str, main, short_help: str) -> click.Command:
     )
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def command(args):
+        sys.argv[0] = f"mlx_diffgemma {name}"  # the program name `--help` shows
         main(list(args))
 
     return command
+
+
+def prog_name(default: str) -> str:
+    """The program name for an argparse command: `mlx_diffgemma NAME` when run as a
+    subcommand (see `passthrough_command`), else `default` (`python -m ...`)."""
+    return sys.argv[0] if sys.argv and sys.argv[0].startswith("mlx_diffgemma ") else default

@@ -238,7 +238,13 @@ class Tokenizer:
         return self._special["bos_token"]
 
     def encode(self, text: str) -> List[int]:
-        """Token ids of `text`, with no BOS added; markers such as `<|turn>` map to their ids."""
+        """Token ids of `text`, with no BOS added; markers such as `<|turn>` map to their ids.
+
+        Raises:
+            ValueError: `text` holds a lone surrogate or an undecodable byte (as Python
+                keeps one from a non-UTF-8 command line), named with its position.
+        """
+        check_text(text)
         return self._backend.encode(text)
 
     def protect(self, text: str) -> str:
@@ -336,6 +342,21 @@ class Tokenizer:
         return self.encode_rendered(text)
 
 
+def check_text(text: str, where: str = "The text"):
+    """ValueError naming the first character of `text` that is not text: a lone surrogate,
+    or an undecodable byte kept as one (Python's surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = (
+            f"the undecodable byte 0x{c - 0xDC00:02x}"
+            if 0xDC80 <= c <= 0xDCFF
+            else f"a lone surrogate U+{c:04X}"
+        )
+        raise ValueError(f"{where} holds {what} at character {e.start}; give UTF-8 text.") from None
+
+
 class _TextGuard:
     """Keeps message text from becoming control tokens.
 
@@ -380,7 +401,7 @@ def render_gemma4_chat(
     enable_thinking: bool = False,
     bos_token: str = "<bos>",
 ) -> str:
-    """Render messages in the Gemma 4 chat format (SPEC.md §5).
+    """Render messages in the Gemma 4 chat format (as the release's chat template does).
 
     Used only when the checkpoint carries no chat template. The format:
     `<bos><|turn>system\\n{system}<turn|>\\n<|turn>user\\n{user}<turn|>\\n<|turn>model\\n`.

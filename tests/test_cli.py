@@ -21,7 +21,7 @@ from mlx_diffgemma.render import Output, _fit
 
 REPO = Path(__file__).resolve().parents[1]
 SKY = "Why is the sky blue?"
-# SPEC.md §5 / TOKENIZER.md: <bos><|turn>user\n{SKY}<turn|>\n<|turn>model\n
+# The Gemma 4 chat format (tokenizer.render_gemma4_chat): <bos><|turn>user\n{SKY}<turn|>\n<|turn>model\n
 SKY_CHAT_IDS = [2, 105, 2364, 107, 11355, 563, 506, 7217, 3730, 236881, 106, 107, 105, 4368, 107]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -70,7 +70,7 @@ def subprocess_env():
 def test_plain_run_prints_the_answer_of_the_api(tiny_checkpoint, tiny, encoded):
     result = run(tiny_checkpoint, "--prompt", SKY, "--seed", "0")
     assert result.exit_code == 0, result.output
-    # The checkpoint's chat template, rendered to the ids of SPEC.md §5.
+    # The checkpoint's chat template, rendered to the Gemma 4 chat format's ids.
     assert encoded[0] == SKY_CHAT_IDS
     assert result.stdout == generate(*tiny, user(SKY), seed=0) + "\n"
     assert result.stderr == ""

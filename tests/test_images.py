@@ -1,6 +1,8 @@
 """Image prompts end to end with the real Gemma 4 tokenizer: template placeholders,
 their expansion, generation, a cached conversation, and the one-line errors."""
 
+import base64
+import io
 import json
 import shutil
 
@@ -288,3 +290,99 @@ def test_release_vision_keys_and_shapes():
     assert shapes[layer + "mlp.down_proj.linear.weight"] == (1152, 4304)
     assert shapes["model.encoder.embed_vision.embedding_projection.weight"] == (2816, 1152)
     assert sum(np.prod(s) for s in shapes.values()) == 572_794_416  # SPEC section 4.3
+
+
+# The server: inline images only (issue 21).
+
+
+def _png(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_server_takes_inline_images_and_refuses_the_rest(
+    vision_checkpoint, tiny_checkpoint, tmp_path, vtiny
+):
+    import httpx
+    from server_process import ServerProcess
+
+    png = _png(picture())
+    b64 = base64.b64encode(png).decode()
+    srv = ServerProcess(vision_checkpoint, tmp_path / "vision.log")
+    text_only = ServerProcess(tiny_checkpoint, tmp_path / "text.log")
+    try:
+        openai_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}
+        chat = {
+            "messages": [
+                {"role": "user", "content": [openai_part, {"type": "text", "text": "What?"}]}
+            ],
+            "max_tokens": 8,
+            "seed": 3,
+        }
+        r = httpx.post(srv.url + "/v1/chat/completions", json=chat, timeout=60)
+        assert r.status_code == 200, r.text
+        # The reply is the API's for the same image bytes and seed.
+        model, tok = vtiny
+        messages = [user_message("What?", [png])]
+        api = "".join(x.text for x in stream_generate(model, tok, messages, max_tokens=8, seed=3))
+        assert r.json()["choices"][0]["message"]["content"] == api
+        block = {
+            "type": "image",
+            "source": {"type": "base64", "media_type": "image/png", "data": b64},
+        }
+        anthropic_body = {
+            "messages": [{"role": "user", "content": [block, {"type": "text", "text": "What?"}]}],
+            "max_tokens": 8,
+            "seed": 3,
+        }
+        r = httpx.post(srv.url + "/v1/messages", json=anthropic_body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["content"][0]["text"] == api
+
+        def refused(url, part, word):
+            body = {**chat, "messages": [{"role": "user", "content": [part]}]}
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 400, r.text
+            assert word in r.json()["error"]["message"] and r.json()["error"]["param"] == "messages"
+
+        # Nothing a request names is fetched or read: URLs and paths are refused.
+        refused(
+            srv.url,
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x.png"}},
+            "fetches nothing",
+        )
+        refused(
+            srv.url,
+            {"type": "image_url", "image_url": {"url": str(tmp_path / "x.png")}},
+            "fetches nothing",
+        )
+        refused(
+            srv.url,
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}},
+            "base64",
+        )
+        huge = _png(np.zeros((5000, 4000, 3), np.uint8))
+        big = {
+            "type": "image_url",
+            "image_url": {"url": "data:image/png;base64," + base64.b64encode(huge).decode()},
+        }
+        refused(srv.url, big, "pixels")
+        url_block = {
+            **anthropic_body,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "source": {"type": "url", "url": "http://x"}}],
+                }
+            ],
+        }
+        r = httpx.post(srv.url + "/v1/messages", json=url_block, timeout=60)
+        assert r.status_code == 400 and "fetches nothing" in r.json()["error"]["message"]
+        # A text-only checkpoint names itself, not the server.
+        refused(
+            text_only.url, openai_part, f"The model {tiny_checkpoint.name!r} has no vision tower"
+        )
+    finally:
+        srv.stop()
+        text_only.stop()

@@ -209,3 +209,19 @@ def test_harness_runs_end_to_end(tiny_checkpoint, tmp_path, capsys):
     assert e.value.code == 2 and "positive integers" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="^error: "):
         bench.main(["--model", str(tmp_path / "missing")])
+
+
+def test_readme_sudoku_table_command_matches_its_puzzles():
+    """The README's table is of the first 100 puzzles of test.csv: its command says
+    --limit 100, and those puzzles have the hardness mix the README states."""
+    from mlx_diffgemma.sudoku import hardness, load_puzzles
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    command = readme[readme.index("python benchmarks/sudoku.py --model examples/sudoku_toy") :]
+    command = command[: command.index("# table below")]
+    assert "--limit 100" in command
+    puzzles = load_puzzles(repo / "examples" / "sudoku_toy" / "test.csv", limit=100)
+    counts = {h: sum(hardness(q) == h for q, _ in puzzles) for h in ("easy", "medium", "hard")}
+    stated = "{easy} easy,\n  {medium} medium, {hard} hard".format(**counts)
+    assert stated in readme, counts

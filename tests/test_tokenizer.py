@@ -1,4 +1,5 @@
-"""Tokenizer tests against the real Gemma 4 SentencePiece model (ids from TOKENIZER.md)."""
+"""Tokenizer tests against the real Gemma 4 SentencePiece model (ids as transformers' Gemma 4
+tokenizer gives them for the same text)."""
 
 import json
 import shutil

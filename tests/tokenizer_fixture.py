@@ -1,7 +1,8 @@
 """The real Gemma 4 SentencePiece model for the tests: a local copy, or fetched once from PyPI.
 
-Google's file ships in the Apache-2.0 wheel maxtext==0.2.5 (see TOKENIZER.md). It is never
-committed to this repository.
+Google's file ships in the Apache-2.0 wheel maxtext==0.2.5, as
+`maxtext/assets/tokenizers/tokenizer_gemma4.model` (the same file as the release's tokenizer.model; its
+hash is checked below). It is never committed to this repository.
 """
 
 import hashlib

@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from ..options import passthrough_command
+from ..options import passthrough_command, prog_name
 from . import limits
 from .errors import api_of, error_body
 from .formats import AnthropicMessages, OpenAIChat, OpenAICompletion, sse
 from .http import LOCAL_HOSTS, Guard, guarded_h11, host_name, raise_open_file_limit
+from .prompt import has_images
 from .protocol import RequestError, parse_chat, parse_completion, parse_json, parse_messages
 from .worker import Job, QueueFull, Worker
 
@@ -102,6 +103,13 @@ async def _serve(app_state, request, api: str, parse, fmt_cls):
         req = parse(parse_json(await request.body()))
         if req.include_drafts and not req.stream:
             raise RequestError("include_drafts needs stream: true.", "include_drafts")
+        if has_images(req) and not worker.model.has_vision:
+            raise RequestError(
+                f"The model {app_state.model_id!r} has no vision tower (a text-only "
+                "checkpoint), so it cannot take images; send text only, or serve a "
+                "checkpoint converted with its vision tower.",
+                "messages",
+            )
     except RequestError as e:
         return _error(api, e.status, str(e), e.param)
     job = Job(req, asyncio.get_running_loop(), app_state.request_timeout)
@@ -212,7 +220,7 @@ def create_app(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mlx_diffgemma.server",
+        prog=prog_name("python -m mlx_diffgemma.server"),
         description="OpenAI- and Anthropic-compatible HTTP server for DiffusionGemma.",
     )
     p.add_argument("--model", required=True, help="Local checkpoint folder or hub repo id.")

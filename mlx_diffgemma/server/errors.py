@@ -28,6 +28,15 @@ _ANTHROPIC = {
 }
 
 
+class RequestError(ValueError):
+    """A bad request: HTTP `status`, a message, and the offending field (`param`)."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400):
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
 def api_of(path: str) -> str:
     """Which API's error style a path answers in."""
     return "messages" if path.rstrip("/").endswith("/messages") else "openai"

@@ -6,7 +6,7 @@ exchange inside one model turn). A conversation that ends with tool results cont
 that open model turn instead of starting a new one.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .protocol import GenRequest, Message, RequestError
 from .tools import render_call, render_declarations, render_response
@@ -19,9 +19,13 @@ def has_tools(req: GenRequest) -> bool:
     return declared or used
 
 
-def plain_messages(messages: List[Message]) -> List[Dict[str, str]]:
-    """Messages as the chat template takes them (no tool parts)."""
-    return [{"role": m.role, "content": m.content} for m in messages]
+def plain_messages(messages: List[Message]) -> List[Dict[str, Any]]:
+    """Messages as the chat template takes them (no tool parts; image parts kept)."""
+    return [{"role": m.role, "content": m.parts or m.content} for m in messages]
+
+
+def has_images(req: GenRequest) -> bool:
+    return any(m.parts for m in req.messages or ())
 
 
 def _turns(messages: List[Message], declarations: str) -> Tuple[List[Dict[str, str]], bool]:

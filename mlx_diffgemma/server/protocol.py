@@ -14,19 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ..config import FAST_SETTINGS, MODES, DiffusionConfig
+from . import images as images_of_request
 from . import limits
+from .errors import RequestError
 
 GREEDY_TEMPERATURE = 1e-3
 THINKING_EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
-
-
-class RequestError(ValueError):
-    """A bad request: HTTP `status`, a message, and the offending field (`param`)."""
-
-    def __init__(self, message: str, param: Optional[str] = None, status: int = 400):
-        super().__init__(message)
-        self.param = param
-        self.status = status
 
 
 @dataclass
@@ -40,6 +33,8 @@ class Message:
     content: str = ""
     tool_calls: List[tuple] = field(default_factory=list)
     tool_call_id: Optional[str] = None
+    # Text and image parts in order (images.py's shape), when the message has images.
+    parts: Optional[List[Dict[str, Any]]] = None
 
 
 @dataclass
@@ -270,25 +265,34 @@ def _list(value, where: str, most: int, param: Optional[str] = None, empty=False
 
 def _text(content, where: str) -> str:
     """A message content: a string or a list of text parts."""
+    return _content(content, where, images=False)[0]
+
+
+def _content(content, where: str, images: bool = True):
+    """`(text, parts)` of an OpenAI message content: a string, or a list of text parts and
+    (with `images`) `image_url` parts; `parts` is None when there is no image."""
     if content is None:
-        return ""
+        return "", None
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        out = []
-        _list(content, where, limits.MAX_CONTENT_PARTS, _top(where), empty=True)
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RequestError(
-                    f"{where}[{i}] has type {kind!r}; this model takes text parts only.",
-                    _top(where),
-                )
-            if not isinstance(part.get("text"), str):
-                raise RequestError(f"{where}[{i}].text must be a string.", _top(where))
-            out.append(part["text"])
-        return "".join(out)
-    raise RequestError(f"{where} must be a string or a list of text parts.", _top(where))
+        return content, None
+    if not isinstance(content, list):
+        raise RequestError(f"{where} must be a string or a list of content parts.", _top(where))
+    _list(content, where, limits.MAX_CONTENT_PARTS, _top(where), empty=True)
+    texts, parts = [], []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind == "image_url" and images:
+            parts.append(images_of_request.openai_image(part, f"{where}[{i}]"))
+            continue
+        if kind != "text":
+            what = "text and image_url parts" if images else "text parts only"
+            raise RequestError(f"{where}[{i}] has type {kind!r}; use {what}.", _top(where))
+        if not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}[{i}].text must be a string.", _top(where))
+        texts.append(part["text"])
+        parts.append({"type": "text", "text": part["text"]})
+    has_image = any(p["type"] == "image" for p in parts)
+    return "".join(texts), parts if has_image else None
 
 
 def _arguments(raw, where: str) -> Dict[str, Any]:
@@ -315,8 +319,8 @@ def _openai_messages(raw) -> List[Message]:
         role = m["role"]
         if role not in ("system", "developer", "user", "assistant", "tool"):
             raise RequestError(f"{where}.role {role!r} is not supported.", "messages")
-        content = _text(m.get("content"), f"{where}.content")
-        msg = Message("system" if role == "developer" else role, content)
+        content, parts = _content(m.get("content"), f"{where}.content", role == "user")
+        msg = Message("system" if role == "developer" else role, content, parts=parts)
         calls = m.get("tool_calls")
         if calls is not None and role != "assistant":
             raise RequestError(
@@ -447,6 +451,15 @@ CHAT_FIELDS = (
 )
 
 
+def _count_images(req: GenRequest) -> GenRequest:
+    n = sum(p["type"] == "image" for m in req.messages for p in m.parts or ())
+    if n > limits.MAX_IMAGES:
+        raise RequestError(
+            f"The request has {n} images; at most {limits.MAX_IMAGES} are accepted.", "messages"
+        )
+    return req
+
+
 def parse_chat(data: Dict[str, Any]) -> GenRequest:
     """POST /v1/chat/completions."""
     _check_fields(data, CHAT_FIELDS)
@@ -463,7 +476,7 @@ def parse_chat(data: Dict[str, Any]) -> GenRequest:
     req.tool_choice = _tool_choice(data.get("tool_choice"), "tool_choice")
     _response_format(data, req)
     req.enable_thinking = _thinking_openai(data)
-    return req
+    return _count_images(req)
 
 
 def _stream_options(data, req: GenRequest):
@@ -536,7 +549,7 @@ def parse_messages(data: Dict[str, Any]) -> GenRequest:
         if kind not in ("enabled", "disabled"):
             raise RequestError("'thinking.type' must be enabled or disabled.", "thinking")
         req.enable_thinking = kind == "enabled"
-    return req
+    return _count_images(req)
 
 
 def _anthropic_tools(tools) -> List[Dict[str, Any]]:
@@ -577,10 +590,15 @@ def _anthropic_messages(raw) -> List[Message]:
 def _anthropic_blocks(role: str, blocks: list, where: str) -> List[Message]:
     out: List[Message] = []
     msg = Message(role)
+    parts: List[Dict[str, Any]] = []
     for j, b in enumerate(blocks):
         kind = b.get("type") if isinstance(b, dict) else None
         if kind == "text":
-            msg.content += _text([b], f"{where}.content")
+            text = _text([b], f"{where}.content")
+            msg.content += text
+            parts.append({"type": "text", "text": text})
+        elif kind == "image" and role == "user":
+            parts.append(images_of_request.anthropic_image(b, f"{where}.content[{j}]"))
         elif kind == "thinking" and role == "assistant":
             continue  # earlier thoughts are not re-rendered (the chat template drops them)
         elif kind == "tool_use" and role == "assistant":
@@ -596,6 +614,8 @@ def _anthropic_blocks(role: str, blocks: list, where: str) -> List[Message]:
             out.append(Message("tool", text, tool_call_id=_optional_str(b, "tool_use_id", at)))
         else:
             raise RequestError(f"{where}.content[{j}] has unsupported type {kind!r}.", "messages")
-    if msg.content or msg.tool_calls or not out:
+    if any(p["type"] == "image" for p in parts):
+        msg.parts = parts
+    if msg.content or msg.tool_calls or msg.parts or not out:
         out.append(msg)
     return out

@@ -15,7 +15,7 @@ from ..generate import PromptCache, resolve_config, stream_generate
 from ..infill import Hole, InfillTemplate, stream_infill
 from ..structured import json_template, spec_from_json_schema, validate_json
 from .limits import MAX_SCHEMA_ITEMS
-from .prompt import has_tools, plain_messages, tool_prompt_ids
+from .prompt import has_images, has_tools, plain_messages, tool_prompt_ids
 from .protocol import GREEDY_TEMPERATURE, GenRequest, RequestError
 from .textstream import TextStream, clean
 
@@ -102,6 +102,8 @@ def run(model, tokenizer, req: GenRequest, caches: CacheStore, should_stop=None)
     kwargs = dict(sampler_settings(model, req), seed=req.seed, should_stop=should_stop)
     if req.seed is None:
         kwargs["seed"] = secrets.randbits(31)
+    if has_images(req):
+        return _generate_with_images(model, tokenizer, req, kwargs)
     if req.schema is not None or req.json_object:
         return _structured(model, tokenizer, req, kwargs)
     if req.suffix is not None:
@@ -172,6 +174,26 @@ def _generate(model, tokenizer, req, caches, kwargs) -> Iterator[Event]:
     stream = TextStream(req.stop, tools=has_tools(req))
     param = "prompt" if req.api == "completions" else "messages"
     return _drive(events, stream, lambda: caches.put(cache), cached, param)
+
+
+def _generate_with_images(model, tokenizer, req, kwargs) -> Iterator[Event]:
+    """A chat with image parts: the messages go to `stream_generate` as they are, which
+    expands each image's placeholder into its soft tokens (no prompt cache is kept)."""
+    if has_tools(req) or req.schema is not None or req.json_object:
+        raise RequestError(
+            "Images cannot be combined with tools or response_format; send them apart.",
+            "messages",
+        )
+    events = stream_generate(
+        model,
+        tokenizer,
+        plain_messages(req.messages),
+        max_tokens=req.max_tokens,
+        enable_thinking=bool(req.enable_thinking),
+        drafts=req.include_drafts,
+        **kwargs,
+    )
+    return _drive(events, TextStream(req.stop, tools=False), lambda: None, 0)
 
 
 def _drive(events, stream, keep_cache, cached, param="messages") -> Iterator[Event]:

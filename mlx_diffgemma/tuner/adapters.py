@@ -52,7 +52,8 @@ def setup_full(model, num_layers: int = -1, freeze_router: bool = False) -> None
     final norm and self-conditioning)."""
     if num_layers > len(model.layers):
         raise ValueError(
-            f"--num-layers {num_layers} is more than the model's {len(model.layers)} layers."
+            f"--num-layers {num_layers} is more than the model's {len(model.layers)} layers; "
+            f"give at most {len(model.layers)}, or -1 for all layers."
         )
     n = len(model.layers) if num_layers < 0 else num_layers
     model.freeze()
@@ -74,7 +75,8 @@ def setup_lora(model, num_layers: int, lora_parameters: Dict, dora: bool = False
     """
     if num_layers > len(model.layers):
         raise ValueError(
-            f"--num-layers {num_layers} is more than the model's {len(model.layers)} layers."
+            f"--num-layers {num_layers} is more than the model's {len(model.layers)} layers; "
+            f"give at most {len(model.layers)}, or -1 for all layers."
         )
     model.freeze()
     linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=dora)
