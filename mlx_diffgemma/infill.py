@@ -308,6 +308,10 @@ def stream_infill(
     layout = template.layout(
         model.args.canvas_length, template.end_id(bool(messages)), model.args.vocab_size
     )
+    # The layout's canvases are all there is to generate: a larger max_tokens would add
+    # free canvases after the text, whose ids `complete` cannot place.
+    if kwargs.get("max_tokens") is None or kwargs["max_tokens"] > len(layout):
+        kwargs["max_tokens"] = len(layout)
     yield from stream_generate(
         model,
         tokenizer,

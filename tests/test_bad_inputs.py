@@ -215,6 +215,10 @@ def chat(checkpoint, lines, *args):
     )
 
 
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
 def turn(tokenizer, text):
     return tokenizer.encode(f"<turn|>\n<|turn>user\n{text}<turn|>\n<|turn>model\n")
 
@@ -238,9 +242,14 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_it(tiny_checkpoint, tok, encoded
     assert result.exit_code == 0, result.output
     assert "[Stopped: the answer so far stays in the conversation.]" in result.stderr.splitlines()
     assert "Traceback" not in result.output
-    # Turn 2 encodes the first canvas of the stopped answer, then the new turn.
+    # Turn 2 sees the conversation with the stopped answer so far: the model's view is
+    # a fresh encoding of it (the first canvas and the new turn when the cache matches).
     assert len(answers[0]) == 8
-    assert encoded[1] == answers[0] + turn(tok, "Again")
+    so_far = result.stdout.split(">> ")[1].rstrip("\n")
+    whole = tok.apply_chat_template(
+        [*user(SKY), {"role": "assistant", "content": so_far}, *user("Again")]
+    )
+    assert encoded[0] + encoded[1] == whole or encoded[1] == whole
     assert result.stdout.count(">> ") == 3  # two answers, then the prompt that got Ctrl-D
 
 
@@ -255,9 +264,13 @@ def test_chat_ctrl_c_inside_an_encode_rebuilds_the_cache(tiny_checkpoint, tok, e
     result = chat(tiny_checkpoint, [SKY, "Again", "Third"])
     assert result.exit_code == 0, result.output
     assert "[Stopped: the answer so far stays in the conversation.]" in result.stderr.splitlines()
-    # Turn 3 starts a new cache: the conversation before turn 2, then turn 3.
-    first_answer = encoded[1][: -len(turn(tok, "Again"))]
-    assert encoded[2] == encoded[0] + first_answer + turn(tok, "Third")
+    # Turn 3 starts a new cache: the conversation before turn 2, then turn 3, encoded as
+    # a fresh encoding of it gives.
+    first = result.stdout.split(">> ")[1].rstrip("\n")
+    whole = tok.apply_chat_template(
+        [*user(SKY), {"role": "assistant", "content": first}, *user("Third")]
+    )
+    assert encoded[2] == whole
 
 
 def test_chat_refuses_an_overlong_turn_and_goes_on(tiny_checkpoint, encoded):

@@ -432,3 +432,32 @@ def test_queue_full_gets_503(server, oai):
     assert all(r[0] in (200, 503, "waited") for r in results), results
     _wait_idle(server, 30)
     assert _chat(oai, "And now?", max_tokens=8).choices[0].message.content
+
+
+def test_plain_schema_over_twenty_seeds_never_500(oai):
+    """Issue 20's 500: a max_tokens larger than the JSON frame added free canvases whose
+    ids the frame could not place. The reply costs the frame's canvases only."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "year": {"type": "integer"},
+            "big": {"type": "boolean"},
+        },
+        "required": ["city", "year", "big"],
+    }
+    rf = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    for seed in range(20):
+        r = oai.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "A city?"}],
+            max_tokens=256,
+            seed=seed,
+            response_format=rf,
+            extra_body={"max_denoising_steps": 3},
+        )
+        value = json.loads(r.choices[0].message.content)
+        assert isinstance(value["city"], str) and isinstance(value["year"], int)
+        assert isinstance(value["big"], bool)
+        # Only the frame's canvases ran, not max_tokens' 32.
+        assert r.usage.completion_tokens < 100, r.usage

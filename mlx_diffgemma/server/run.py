@@ -393,6 +393,14 @@ def _structured(model, tokenizer, req, kwargs) -> Iterator[Event]:
     except ValueError as e:
         raise RequestError(str(e), "response_format") from None
     messages = plain_messages(req.messages)
+    a = model.args
+    frame = len(template.layout(a.canvas_length, template.end_id(True), a.vocab_size))
+    if req.max_tokens is not None and not req.json_object and req.max_tokens < frame:
+        raise RequestError(
+            f"The schema's frame takes {frame} tokens (whole canvases), more than "
+            f"max_tokens={req.max_tokens}; raise max_tokens or lower the x-max-tokens budgets.",
+            "max_tokens",
+        )
     return _drive_json(model, tokenizer, template, spec, messages, req, kwargs)
 
 
