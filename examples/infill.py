@@ -8,7 +8,7 @@ starts from `old` and may change. Everything else is kept byte for byte.
 
 import sys
 
-from mlx_diffgemma import generate_json, infill, load
+from mlx_diffgemma import generate_skeleton, infill, load
 
 model, tokenizer = load(sys.argv[1])
 ask = [{"role": "user", "content": "Complete the Python code."}]
@@ -26,6 +26,6 @@ print(infill(model, tokenizer, text, seed=0).text)
 # 3. A JSON skeleton: keys, quotes and commas are fixed; holes are typed.
 spec = {"city": "string:8", "population": "integer:9", "capital": "boolean"}
 ask = [{"role": "user", "content": "Describe Paris as JSON."}]
-r = generate_json(model, tokenizer, spec, messages=ask, seed=0)
+r = generate_skeleton(model, tokenizer, spec, messages=ask, seed=0)
 print(r.text)
 print("valid" if r.ok else f"invalid: {'; '.join(r.problems)}")

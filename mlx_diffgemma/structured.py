@@ -363,7 +363,7 @@ def _from_schema(schema, path, string_tokens):
     )
 
 
-def generate_json(
+def generate_skeleton(
     model,
     tokenizer,
     spec: Spec,
@@ -371,7 +371,8 @@ def generate_json(
     messages: Optional[Sequence[Dict[str, Any]]] = None,
     **kwargs,
 ) -> StructuredResult:
-    """Generate JSON in the clamped frame of `spec` and validate it.
+    """Generate JSON in the clamped frame of a skeleton `spec` and validate it (for a JSON
+    Schema or a pydantic model, see `json_schema.generate_json`).
 
     Args:
         model: a loaded model.

@@ -219,10 +219,6 @@ def user(text):
     return [{"role": "user", "content": text}]
 
 
-def turn(tokenizer, text):
-    return tokenizer.encode(f"<turn|>\n<|turn>user\n{text}<turn|>\n<|turn>model\n")
-
-
 def test_chat_ctrl_c_stops_the_answer_and_keeps_it(tiny_checkpoint, tok, encoded, monkeypatch):
     real, answers = gen.stream_generate, []
 

@@ -178,8 +178,10 @@ def test_json_schema_output_validates(oai):
     assert isinstance(value["name"], str) and isinstance(value["member"], bool)
     assert isinstance(value["age"], int) and not isinstance(value["age"], bool)
     assert len(value["scores"]) == 2 and all(isinstance(x, (int, float)) for x in value["scores"])
-    obj = _chat(oai, "Anything", response_format={"type": "json_object"}, max_tokens=16)
-    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    # json_object: the model's own object, or (a random model never writes one) a clear
+    # error after the re-samples; tests/test_server_units.py forces a valid one.
+    with pytest.raises(openai.InternalServerError, match="did not write a JSON object"):
+        _chat(oai, "Anything", response_format={"type": "json_object"}, max_tokens=16)
     with pytest.raises(openai.BadRequestError, match="pattern"):
         oai.chat.completions.create(
             model="tiny",

@@ -6,11 +6,10 @@ import json
 import pytest
 
 from mlx_diffgemma import CanvasLayout, stream_generate
-from mlx_diffgemma.server import protocol
 from mlx_diffgemma.server.formats import AnthropicMessages, OpenAIChat
 from mlx_diffgemma.server.prompt import tool_prompt_ids
-from mlx_diffgemma.server.protocol import RequestError, parse_chat, parse_messages
-from mlx_diffgemma.server.run import _drive, check_schema, json_spec
+from mlx_diffgemma.server.protocol import GenRequest, RequestError, parse_chat, parse_messages
+from mlx_diffgemma.server.run import _drive
 from mlx_diffgemma.server.textstream import TextStream
 from mlx_diffgemma.server.tools import parse_tool_calls, render_call, render_response
 
@@ -181,30 +180,6 @@ def test_request_mapping():
         parse_messages({"model": "m", "messages": [{"role": "user", "content": "x"}]})
 
 
-def test_schema_checks():
-    ok = {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "description": "who"},
-            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2},
-        },
-        "required": ["name"],
-        "additionalProperties": False,
-    }
-    check_schema(ok)
-    for bad, word in [
-        ({"type": "object", "properties": {"a": {"type": "string", "enum": ["x"]}}}, "enum"),
-        ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 1}}}, "minimum"),
-        ({"anyOf": [{"type": "string"}]}, "type None"),
-        ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}, "'b'"),
-    ]:
-        with pytest.raises(RequestError, match=word):
-            check_schema(bad)
-    req = protocol.GenRequest("chat", schema={"type": "array", "items": {"type": "string"}})
-    with pytest.raises(RequestError, match="fixed length"):
-        json_spec(req)
-
-
 def _forced(tiny, text: str, stop=(), tools=False):
     """Run the model with its whole output clamped to `text` + `<turn|>`, through the server's
     event pipeline."""
@@ -359,3 +334,19 @@ def test_message_text_never_becomes_a_control_token(tok):
     )
     assert FORGED in tok.decode(ids)
     assert len(tok.encode("<turn|>")) == 1  # raw encode still maps markers (the template's)
+
+
+def test_json_object_is_the_models_own_object(tok):
+    """`{` clamped, the rest the model's: a model that writes an object gets it back as is
+    (not wrapped), re-serialised."""
+    from test_generate import ScriptedModel
+
+    from mlx_diffgemma.server.run import _drive_json_object
+
+    script = tok.encode('"answer": [1, 2], "ok": true}') + [tok.pad_token_id] * 64
+    model = ScriptedModel(script, canvas_length=8)
+    req = GenRequest("chat", max_tokens=24, json_object=True)
+    messages = [{"role": "user", "content": "JSON please"}]
+    events = list(_drive_json_object(model, tok, messages, req, {"seed": 0}))
+    assert json.loads(events[0].text) == {"answer": [1, 2], "ok": True}
+    assert events[-1].kind == "done"

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_diffgemma import (
     CanvasLayout,
-    generate_json,
+    generate_skeleton,
     generate_table,
     json_template,
     spec_from_json_schema,
@@ -219,9 +219,9 @@ def test_json_template_clamps_the_frame(tok):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_generate_json_frame_holds_and_parses_on_a_random_model(tiny, seed):
+def test_generate_skeleton_frame_holds_and_parses_on_a_random_model(tiny, seed):
     model, tok = tiny
-    r = generate_json(model, tok, SPEC, seed=seed, max_denoising_steps=2)
+    r = generate_skeleton(model, tok, SPEC, seed=seed, max_denoising_steps=2)
     assert r.ok, (r.problems, r.text)
     assert r.text == frame_of(SPEC, r.fills)
     assert set(r.value) == set(SPEC) and isinstance(r.value["tags"][1], bool)
@@ -232,7 +232,7 @@ def test_integer_holes_hold_digits_only(tiny):
     model, tok = tiny
     spec = {"n": "integer:4", "x": "number:4"}
     for seed in range(3):
-        r = generate_json(model, tok, spec, seed=seed, max_denoising_steps=2)
+        r = generate_skeleton(model, tok, spec, seed=seed, max_denoising_steps=2)
         n, x = r.fills
         assert n and all(c in "-0123456789" for c in n) and "-" not in n[1:]
         assert x and all(c in "-.0123456789" for c in x)

@@ -27,7 +27,6 @@ MAX_STOP_CHARS = 256  # characters of one stop string
 MAX_DENOISING_STEPS = 1024  # `max_denoising_steps` (the release uses at most 48)
 MAX_REPAIR = 8  # fast mode's `repair` passes per canvas
 MAX_TOP_K = 1024  # fast mode's `top_k` and `self_conditioning_top_k`
-MAX_SCHEMA_ITEMS = 256  # `minItems` / `maxItems` of a response_format array
 MAX_IMAGES = 8  # image parts in one request
 MAX_IMAGE_BYTES = 3 * 1024 * 1024  # one image file, before base64
 MAX_IMAGE_PIXELS = 4096 * 4096  # one image, read from its header before decoding

@@ -5,23 +5,24 @@ committed), "draft" (one denoising step, opt-in), and a last "done" with the fin
 reason, tool calls and token counts. Closing the generator stops the model's work.
 """
 
+import json
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 from ..config import FAST_SETTINGS
 from ..generate import PromptCache, resolve_config, stream_generate
 from ..infill import Hole, InfillTemplate, stream_infill
-from ..structured import json_template, spec_from_json_schema, validate_json
-from .limits import MAX_SCHEMA_ITEMS
+from ..json_schema import JsonFrame, SchemaError, json_frame
+from ..structured import token_class
 from .prompt import has_images, has_tools, plain_messages, tool_prompt_ids
 from .protocol import GREEDY_TEMPERATURE, GenRequest, RequestError
 from .textstream import TextStream, clean
 
 SETTING_NAMES = {"max_denoising_steps", "entropy_bound", "seed", "temperature", *FAST_SETTINGS}
-JSON_OBJECT_TOKENS = 64  # the string budget of response_format json_object without max_tokens
-JSON_ATTEMPTS = 3  # seeds tried before a structured reply that does not validate is an error
+JSON_OBJECT_TOKENS = 64  # the canvas budget of response_format json_object without max_tokens
+JSON_ATTEMPTS = 3  # seeds tried before a json_object reply that does not parse is an error
 
 log = logging.getLogger("mlx_diffgemma.server")
 
@@ -281,100 +282,11 @@ def _drive_fill(events, template, budget, stream) -> Iterator[Event]:
     yield _done(reason, last, 0, [], stream.hit)
 
 
-_SCHEMA_KEYS = {
-    "object": {"properties", "required", "additionalProperties"},
-    "array": {"items", "minItems", "maxItems"},
-    "string": {"x-max-tokens"},
-    "integer": {"x-max-tokens"},
-    "number": {"x-max-tokens"},
-    "boolean": set(),
-}
-_ANNOTATIONS = {"type", "title", "description", "$schema", "examples", "default"}
-
-
-def check_schema(schema: Dict[str, Any], path: str = "$", limit: int = 1 << 20) -> int:
-    """Refuse JSON Schema keywords the clamped canvas cannot enforce, and malformed or
-    oversized parts (RequestError naming the path); returns the frame's size in tokens at
-    least, so a schema larger than `limit` (the context) is refused before it is laid out.
-    """
-    param = "response_format.json_schema.schema"
-    kind = schema.get("type")
-    allowed = _SCHEMA_KEYS.get(kind) if isinstance(kind, str) else None
-    if allowed is None:
-        raise RequestError(
-            f"{path}: type {kind!r} cannot be enforced; use object, array, string, integer, "
-            "number or boolean.",
-            param,
-        )
-    for key in schema:
-        if key not in allowed and key not in _ANNOTATIONS:
-            raise RequestError(
-                f"{path}: the keyword {key!r} cannot be enforced by structured output "
-                f"(a {kind} may use {sorted(allowed) or 'no keywords'}).",
-                param,
-            )
-    if kind == "object":
-        size = _object_size(schema, path, limit)
-    elif kind == "array":
-        size = _array_size(schema, path, limit)
-    else:
-        size = _count(schema, "x-max-tokens", path, 1, limit) or 1
-    if size > limit:
-        raise RequestError(
-            f"{path} needs at least {size} tokens, more than the model's context of {limit}.",
-            param,
-        )
-    return size
-
-
-def _count(schema, key: str, path: str, least: int, most: int) -> Optional[int]:
-    v = schema.get(key)
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not least <= v <= most):
-        raise RequestError(
-            f"{path}.{key} must be an integer from {least} to {most} (got {v!r}).",
-            "response_format.json_schema.schema",
-        )
-    return v
-
-
-def _object_size(schema, path: str, limit: int) -> int:
-    param = "response_format.json_schema.schema"
-    props = schema.get("properties") or {}
-    required = schema.get("required") or []
-    if not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values()):
-        raise RequestError(f"{path}.properties must be an object of schemas.", param)
-    if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
-        raise RequestError(f"{path}.required must be a list of property names.", param)
-    missing = set(required) - set(props)
-    if missing:
-        raise RequestError(f"{path}: required {sorted(missing)} are not properties.", param)
-    size = 2
-    for k, v in props.items():
-        size += len(k) + 2 + check_schema(v, f"{path}.{k}", limit)
-    return size
-
-
-def _array_size(schema, path: str, limit: int) -> int:
-    items = schema.get("items")
-    if items is not None and not isinstance(items, dict):
-        raise RequestError(
-            f"{path}.items must be a schema object.", "response_format.json_schema.schema"
-        )
-    n = _count(schema, "minItems", path, 0, MAX_SCHEMA_ITEMS)
-    _count(schema, "maxItems", path, 0, MAX_SCHEMA_ITEMS)
-    each = check_schema(items, f"{path}[]", limit) if items is not None else 1
-    return 2 + (n or 0) * (each + 1)
-
-
-def json_spec(req: GenRequest, limit: int = 1 << 20):
-    """The skeleton of a response_format request (`limit`: the model's context)."""
-    if req.json_object:
-        n = req.max_tokens or JSON_OBJECT_TOKENS
-        return {"content": f"string:{max(1, n - 8)}"}
-    check_schema(req.schema, limit=limit)
+def json_frame_of(tokenizer, req: GenRequest, limit: int) -> JsonFrame:
+    """The frame of a response_format json_schema request (SchemaError -> 400)."""
     try:
-        return spec_from_json_schema(req.schema)
-    except ValueError as e:
+        return json_frame(tokenizer, req.schema, limit)
+    except SchemaError as e:
         raise RequestError(str(e), "response_format.json_schema.schema") from None
 
 
@@ -387,56 +299,84 @@ def _structured(model, tokenizer, req, kwargs) -> Iterator[Event]:
             "JSON); turn thinking off.",
             "reasoning_effort",
         )
-    spec = json_spec(req, model.args.max_position_embeddings)
-    try:
-        template = json_template(tokenizer, spec)
-    except ValueError as e:
-        raise RequestError(str(e), "response_format") from None
     messages = plain_messages(req.messages)
-    a = model.args
-    frame = len(template.layout(a.canvas_length, template.end_id(True), a.vocab_size))
-    if req.max_tokens is not None and not req.json_object and req.max_tokens < frame:
-        raise RequestError(
-            f"The schema's frame takes {frame} tokens (whole canvases), more than "
-            f"max_tokens={req.max_tokens}; raise max_tokens or lower the x-max-tokens budgets.",
-            "max_tokens",
+    if req.json_object:
+        return _drive_json_object(model, tokenizer, messages, req, kwargs)
+    frame = json_frame_of(tokenizer, req, model.args.max_position_embeddings)
+    if frame.template is not None and req.max_tokens is not None:
+        a = model.args
+        n = len(frame.template.layout(a.canvas_length, frame.template.end_id(True), a.vocab_size))
+        if req.max_tokens < n:
+            raise RequestError(
+                f"The schema's frame takes {n} tokens (whole canvases), more than "
+                f"max_tokens={req.max_tokens}; raise max_tokens or lower the schema's "
+                "x-max-tokens, maxItems or x-max-items.",
+                "max_tokens",
+            )
+    return _drive_json(model, tokenizer, frame, messages, req, kwargs)
+
+
+def _run_template(model, tokenizer, template, messages, req, kwargs, seed, ids):
+    """Generate a template's layout; yields draft events, appends the ids to `ids`;
+    returns the last response."""
+    events = stream_infill(
+        model,
+        tokenizer,
+        template,
+        messages=messages,
+        seed=seed,
+        drafts=req.include_drafts,
+        **kwargs,
+    )
+    last = None
+    try:
+        for r in _checked(events):
+            last = r
+            if r.kind == "draft":
+                yield _draft(r)
+            else:
+                ids += r.token_ids
+    finally:
+        events.close()
+    return last
+
+
+def _drive_json(model, tokenizer, frame, messages, req, kwargs) -> Iterator[Event]:
+    """One generation: every reading of the frame is valid (json_schema.py)."""
+    seed, ids, last = kwargs.pop("seed"), [], None
+    if frame.template is not None:
+        last = yield from _run_template(
+            model, tokenizer, frame.template, messages, req, kwargs, seed, ids
         )
-    return _drive_json(model, tokenizer, template, spec, messages, req, kwargs)
+    yield Event("content", json.dumps(frame.value(ids), ensure_ascii=False))
+    yield _done("stop", last, 0, [], None)
 
 
-def _drive_json(model, tokenizer, template, spec, messages, req, kwargs) -> Iterator[Event]:
-    problems, seed = [], kwargs.pop("seed")
-    max_tokens = None if req.json_object else req.max_tokens
+def _drive_json_object(model, tokenizer, messages, req, kwargs) -> Iterator[Event]:
+    """response_format json_object: `{` clamped, the rest the model's own; the text must
+    parse as an object, re-sampled with the next seeds up to JSON_ATTEMPTS times."""
+    n = max(2, (req.max_tokens or JSON_OBJECT_TOKENS) - 1)
+    free = token_class(tokenizer, "cell") | token_class(tokenizer, "string")
+    template = InfillTemplate(tokenizer, "{", [Hole(n, first=free, rest=free)])
+    seed, problem = kwargs.pop("seed"), ""
     for attempt in range(JSON_ATTEMPTS):
-        events = stream_infill(
-            model,
-            tokenizer,
-            template,
-            messages=messages,
-            max_tokens=max_tokens,
-            seed=seed + attempt,
-            drafts=req.include_drafts,
-            **kwargs,
+        ids = []
+        last = yield from _run_template(
+            model, tokenizer, template, messages, req, kwargs, seed + attempt, ids
         )
-        ids, last = [], None
-        try:
-            for r in _checked(events):
-                last = r
-                if r.kind == "draft":
-                    yield _draft(r)
-                else:
-                    ids += r.token_ids
-        finally:
-            events.close()
         text, _ = template.complete(ids)
-        _, problems = validate_json(text, spec)
-        if not problems:
-            yield Event("content", text)
-            yield _done("stop", last, 0, [], None)
-            return
-        log.warning(
-            "structured reply with seed %d: %s; trying the next seed", seed + attempt, problems[0]
-        )
+        try:
+            value = json.loads(text)
+            if isinstance(value, dict):
+                yield Event("content", json.dumps(value, ensure_ascii=False))
+                yield _done("stop", last, 0, [], None)
+                return
+            problem = f"it wrote a JSON {type(value).__name__}"
+        except json.JSONDecodeError as e:
+            problem = f"not JSON ({e.msg} at character {e.pos})"
+        log.warning("json_object with seed %d: %s; trying the next seed", seed + attempt, problem)
     raise GenerationError(
-        f"The structured reply did not validate after {JSON_ATTEMPTS} seeds: {problems[0]}"
+        f"The model did not write a JSON object in {JSON_ATTEMPTS} attempts (last: {problem}); "
+        "give it an instruction to answer in JSON, or use a json_schema response_format, "
+        "whose replies are always valid."
     )
