@@ -200,6 +200,10 @@ class InfillTemplate:
             head = [self.tokenizer.bos_token_id]
         return head + (self.tokenizer.encode(self.prefix) if self.prefix else [])
 
+    def prefix_ids(self) -> List[int]:
+        """Ids of the prefix alone."""
+        return self.tokenizer.encode(self.prefix) if self.prefix else []
+
     def end_id(self, chat: bool) -> int:
         """The token clamped after the text: `<turn|>` after a chat turn, else the first EOS."""
         if chat:
@@ -287,6 +291,7 @@ def stream_infill(
     template: InfillTemplate,
     *,
     messages: Optional[Sequence[Dict[str, Any]]] = None,
+    head: Optional[Sequence[int]] = None,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream the generation of an infill template, as `stream_generate` does.
@@ -300,14 +305,15 @@ def stream_infill(
         template: an `InfillTemplate`.
         messages: chat messages that come before the text (e.g. an instruction); None
             for plain text after `<bos>`.
+        head: instead of `messages`, the encoder ids before the prefix, rendered by the
+            caller (e.g. a conversation with tools, ending in an open model turn).
         kwargs: as for `stream_generate` (seed, drafts, config, sampler settings, ...).
 
     Yields:
         `GenerationResponse`s.
     """
-    layout = template.layout(
-        model.args.canvas_length, template.end_id(bool(messages)), model.args.vocab_size
-    )
+    chat = bool(messages) or head is not None
+    layout = template.layout(model.args.canvas_length, template.end_id(chat), model.args.vocab_size)
     # The layout's canvases are all there is to generate: a larger max_tokens would add
     # free canvases after the text, whose ids `complete` cannot place.
     if kwargs.get("max_tokens") is None or kwargs["max_tokens"] > len(layout):
@@ -315,7 +321,7 @@ def stream_infill(
     yield from stream_generate(
         model,
         tokenizer,
-        template.prompt_ids(messages),
+        template.prompt_ids(messages) if head is None else list(head) + template.prefix_ids(),
         layout=layout,
         eos_token_id=(),
         **kwargs,

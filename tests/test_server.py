@@ -463,3 +463,91 @@ def test_plain_schema_over_twenty_seeds_never_500(oai):
         assert isinstance(value["big"], bool)
         # Only the frame's canvases ran, not max_tokens' 32.
         assert r.usage.completion_tokens < 100, r.usage
+
+
+def test_openai_sdk_parse_with_pydantic_models(oai):
+    """`client.chat.completions.parse(response_format=Model)`: the SDK sends the strict
+    schema pydantic builds ($defs/$ref, enum, anyOf with null, arrays, ...); every reply
+    parses into the model."""
+    from test_json_schema import MODELS
+
+    for cls in MODELS:
+        for seed in (0, 1):
+            r = oai.chat.completions.parse(
+                model="tiny",
+                messages=[{"role": "user", "content": f"Give a {cls.__name__}."}],
+                response_format=cls,
+                seed=seed,
+                extra_body={"max_denoising_steps": 1},
+            )
+            assert isinstance(r.choices[0].message.parsed, cls), (cls, r)
+
+
+def test_unsupported_schema_keywords_are_400_naming_them(oai):
+    for schema, word in [
+        ({"type": "string", "pattern": "x+"}, "'pattern'"),
+        ({"type": "string", "format": "email"}, "'format'"),
+        ({"type": "object", "patternProperties": {"a": {}}}, "'patternProperties'"),
+    ]:
+        rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}], response_format=rf
+            )
+        assert word in e.value.body["message"] and e.value.body["message"].startswith("$")
+        assert e.value.body["param"] == "response_format.json_schema.schema"
+
+
+def test_forced_tool_input_follows_its_schema(oai, claude):
+    params = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "unit": {"enum": ["C", "F"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        },
+        "required": ["city", "unit", "days"],
+    }
+    tool = {"type": "function", "function": {"name": "weather", "parameters": params}}
+    r = oai.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "weather"}},
+        seed=2,
+        extra_body={"max_denoising_steps": 1},
+    )
+    call = r.choices[0].message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "weather" and r.choices[0].finish_reason == "tool_calls"
+    assert args["unit"] in ("C", "F") and 1 <= args["days"] <= 7 and len(args["city"]) <= 20
+    m = claude.messages.create(
+        model="tiny",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[{"name": "weather", "description": "Weather", "input_schema": params}],
+        tool_choice={"type": "tool", "name": "weather"},
+        extra_body={"max_denoising_steps": 1, "seed": 2},
+    )
+    block = next(b for b in m.content if b.type == "tool_use")
+    assert m.stop_reason == "tool_use" and block.name == "weather"
+    assert block.input["unit"] in ("C", "F") and 1 <= block.input["days"] <= 7
+
+
+def test_instructor_json_schema_and_tools_modes(server):
+    """instructor (PyPI) in its JSON-schema mode (response_format json_schema) and its
+    tools mode (a forced tool call): both parse into the model."""
+    import instructor
+    from test_json_schema import WithLiteral
+
+    base = openai.OpenAI(base_url=server + "/v1", api_key="n", max_retries=0, timeout=60)
+    for mode in (instructor.Mode.JSON_SCHEMA, instructor.Mode.TOOLS):
+        client = instructor.from_openai(base, mode=mode)
+        r = client.chat.completions.create(
+            model="tiny",
+            response_model=WithLiteral,
+            messages=[{"role": "user", "content": "Yes or no?"}],
+            max_retries=0,
+            extra_body={"max_denoising_steps": 1, "seed": 4},
+        )
+        assert isinstance(r, WithLiteral) and 0 <= r.confidence <= 1

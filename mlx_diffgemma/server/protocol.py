@@ -53,6 +53,9 @@ class GenRequest:
     temperature: Optional[float] = None
     tools: List[Dict[str, Any]] = field(default_factory=list)
     tool_choice: str = "auto"
+    # A tool the reply must call (tool_choice naming it): its input is generated in the
+    # frame of its parameters' schema, so it always validates (json_schema.py).
+    forced_tool: Optional[str] = None
     schema: Optional[Dict[str, Any]] = None  # response_format: the JSON Schema to enforce
     json_object: bool = False
     enable_thinking: Optional[bool] = None
@@ -380,10 +383,26 @@ def _tool_choice(value, param: str) -> str:
     if value == "none":
         return "none"
     raise RequestError(
-        f"'{param}'={json.dumps(value)} is not supported: the model decides whether to call a "
-        "tool; use auto or none.",
+        f"'{param}'={json.dumps(value)} is not supported: use auto, none, a named tool, or "
+        "required/any with one tool declared.",
         param,
     )
+
+
+def _forced_tool(req: GenRequest, name: Optional[str]):
+    """Set the tool the reply must call (`name`; None: the only tool declared)."""
+    names = [t["name"] for t in req.tools]
+    if name is None:
+        if len(names) != 1:
+            raise RequestError(
+                f"tool_choice required/any needs exactly one tool declared (got {len(names)}); "
+                "name the tool instead.",
+                "tool_choice",
+            )
+        name = names[0]
+    if name not in names:
+        raise RequestError(f"tool_choice names {name!r}, which is not in tools.", "tool_choice")
+    req.forced_tool, req.tool_choice = name, "auto"
 
 
 def _response_format(data, req: GenRequest):
@@ -394,10 +413,21 @@ def _response_format(data, req: GenRequest):
         raise RequestError(
             "'response_format.type' must be text, json_object or json_schema.", "response_format"
         )
+    extra = set(rf) - {"type", "json_schema"}
+    if extra:
+        raise RequestError(
+            f"'response_format' has unknown keys {sorted(extra)}.", "response_format"
+        )
     if rf["type"] == "json_object":
         req.json_object = True
     elif rf["type"] == "json_schema":
         js = rf.get("json_schema")
+        if isinstance(js, dict) and set(js) - {"name", "schema", "strict", "description"}:
+            raise RequestError(
+                f"'response_format.json_schema' has unknown keys "
+                f"{sorted(set(js) - {'name', 'schema', 'strict', 'description'})}.",
+                "response_format",
+            )
         if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
             raise RequestError(
                 "'response_format.json_schema.schema' must be a JSON Schema object.",
@@ -473,7 +503,14 @@ def parse_chat(data: Dict[str, Any]) -> GenRequest:
     _stream_options(data, req)
     req.stop = _stop(data.get("stop"))
     req.tools = _openai_tools(data)
-    req.tool_choice = _tool_choice(data.get("tool_choice"), "tool_choice")
+    choice = data.get("tool_choice")
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if choice == "required":
+        _forced_tool(req, None)
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(fn, dict):
+        _forced_tool(req, fn.get("name") if isinstance(fn.get("name"), str) else "")
+    else:
+        req.tool_choice = _tool_choice(choice, "tool_choice")
     _response_format(data, req)
     req.enable_thinking = _thinking_openai(data)
     return _count_images(req)
@@ -538,11 +575,15 @@ def parse_messages(data: Dict[str, Any]) -> GenRequest:
     req.messages = messages
     req.tools = _anthropic_tools(data.get("tools"))
     choice = data.get("tool_choice")
-    if isinstance(choice, dict) and choice.get("type") in ("auto", "none"):
-        if set(choice) - {"type", "disable_parallel_tool_use"}:
-            raise RequestError("'tool_choice' takes type auto or none here.", "tool_choice")
-        choice = choice["type"]
-    req.tool_choice = _tool_choice(choice, "tool_choice")
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if isinstance(choice, dict) and set(choice) - {"type", "name", "disable_parallel_tool_use"}:
+        raise RequestError("'tool_choice' takes type and name.", "tool_choice")
+    if kind == "tool":
+        _forced_tool(req, choice.get("name") if isinstance(choice.get("name"), str) else "")
+    elif kind == "any":
+        _forced_tool(req, None)
+    else:
+        req.tool_choice = _tool_choice(kind if kind in ("auto", "none") else choice, "tool_choice")
     thinking = data.get("thinking")
     if thinking is not None:
         kind = thinking.get("type") if isinstance(thinking, dict) else None

@@ -19,6 +19,7 @@ from ..structured import token_class
 from .prompt import has_images, has_tools, plain_messages, tool_prompt_ids
 from .protocol import GREEDY_TEMPERATURE, GenRequest, RequestError
 from .textstream import TextStream, clean
+from .tools import ToolCall
 
 SETTING_NAMES = {"max_denoising_steps", "entropy_bound", "seed", "temperature", *FAST_SETTINGS}
 JSON_OBJECT_TOKENS = 64  # the canvas budget of response_format json_object without max_tokens
@@ -105,6 +106,8 @@ def run(model, tokenizer, req: GenRequest, caches: CacheStore, should_stop=None)
         kwargs["seed"] = secrets.randbits(31)
     if has_images(req):
         return _generate_with_images(model, tokenizer, req, kwargs)
+    if req.forced_tool is not None:
+        return _call_tool(model, tokenizer, req, kwargs)
     if req.schema is not None or req.json_object:
         return _structured(model, tokenizer, req, kwargs)
     if req.suffix is not None:
@@ -316,7 +319,7 @@ def _structured(model, tokenizer, req, kwargs) -> Iterator[Event]:
     return _drive_json(model, tokenizer, frame, messages, req, kwargs)
 
 
-def _run_template(model, tokenizer, template, messages, req, kwargs, seed, ids):
+def _run_template(model, tokenizer, template, messages, req, kwargs, seed, ids, head=None):
     """Generate a template's layout; yields draft events, appends the ids to `ids`;
     returns the last response."""
     events = stream_infill(
@@ -324,6 +327,7 @@ def _run_template(model, tokenizer, template, messages, req, kwargs, seed, ids):
         tokenizer,
         template,
         messages=messages,
+        head=head,
         seed=seed,
         drafts=req.include_drafts,
         **kwargs,
@@ -339,6 +343,32 @@ def _run_template(model, tokenizer, template, messages, req, kwargs, seed, ids):
     finally:
         events.close()
     return last
+
+
+def _call_tool(model, tokenizer, req, kwargs) -> Iterator[Event]:
+    """tool_choice naming a tool: the call's input is generated in the frame of the tool's
+    parameters schema (json_schema.py), so it always validates."""
+    if req.schema is not None or req.json_object:
+        raise RequestError(
+            "A forced tool call and response_format cannot be combined.", "tool_choice"
+        )
+    name = req.forced_tool
+    tool = next(t for t in req.tools if t["name"] == name)
+    schema = tool["parameters"] or {"type": "object", "properties": {}}
+    if schema.get("type", "object") != "object":
+        raise RequestError(f"The parameters of tool {name!r} must be an object schema.", "tools")
+    try:
+        frame = json_frame(tokenizer, schema, model.args.max_position_embeddings)
+    except SchemaError as e:
+        raise RequestError(f"tool {name!r} parameters: {e}", "tools") from None
+    call = tokenizer.encode_rendered("<|tool_call>call:" + tokenizer.protect(name))
+    head = tool_prompt_ids(tokenizer, req, bool(req.enable_thinking)) + call
+    seed, ids, last = kwargs.pop("seed"), [], None
+    if frame.template is not None:
+        last = yield from _run_template(
+            model, tokenizer, frame.template, None, req, kwargs, seed, ids, head=head
+        )
+    yield _done("tool_calls", last, 0, [ToolCall(name, frame.value(ids))], None)
 
 
 def _drive_json(model, tokenizer, frame, messages, req, kwargs) -> Iterator[Event]:
