@@ -56,26 +56,13 @@ _ANNOTATIONS = {
     "readOnly",
     "writeOnly",
 }
+_NUMERIC = {"type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "x-max-tokens"}
 _KEYWORDS = {
     "object": {"type", "properties", "required", "additionalProperties"},
     "array": {"type", "items", "minItems", "maxItems", "x-max-items"},
     "string": {"type", "minLength", "maxLength", "x-max-tokens"},
-    "integer": {
-        "type",
-        "minimum",
-        "maximum",
-        "exclusiveMinimum",
-        "exclusiveMaximum",
-        "x-max-tokens",
-    },
-    "number": {
-        "type",
-        "minimum",
-        "maximum",
-        "exclusiveMinimum",
-        "exclusiveMaximum",
-        "x-max-tokens",
-    },
+    "integer": _NUMERIC,
+    "number": _NUMERIC,
     "boolean": {"type"},
     "null": {"type"},
 }

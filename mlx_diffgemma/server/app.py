@@ -252,40 +252,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _limit_flags(p: argparse.ArgumentParser):
-    p.add_argument(
+# The HTTP limits' flags: (flag, type, default, help); the defaults live in limits.py.
+_LIMIT_FLAGS = [
+    (
         "--request-timeout",
-        type=float,
-        default=limits.REQUEST_TIMEOUT_S,
-        help="Seconds a request may take, queue included; its work stops at the next "
-        f"denoising step after it (0: no limit) [default: {limits.REQUEST_TIMEOUT_S:g}].",
-    )
-    p.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=limits.MAX_BODY_BYTES,
-        help=f"Largest request body; larger get 413 [default: {limits.MAX_BODY_BYTES}].",
-    )
-    p.add_argument(
+        float,
+        limits.REQUEST_TIMEOUT_S,
+        "Seconds a request may take, queue included; its work stops at the next denoising "
+        "step after it (0: no limit)",
+    ),
+    ("--max-body-bytes", int, limits.MAX_BODY_BYTES, "Largest request body; larger get 413"),
+    (
         "--header-timeout",
-        type=float,
-        default=limits.HEADER_TIMEOUT_S,
-        help="Seconds a connection may take to send a request head before it is closed "
-        f"[default: {limits.HEADER_TIMEOUT_S:g}].",
-    )
-    p.add_argument(
+        float,
+        limits.HEADER_TIMEOUT_S,
+        "Seconds a connection may take to send a request head before it is closed",
+    ),
+    (
         "--body-timeout",
-        type=float,
-        default=limits.BODY_TIMEOUT_S,
-        help="Seconds a request body may take once its head has arrived (408 after it) "
-        f"[default: {limits.BODY_TIMEOUT_S:g}].",
-    )
-    p.add_argument(
-        "--max-connections",
-        type=int,
-        default=limits.MAX_CONNECTIONS,
-        help=f"Open connections at most; more are closed [default: {limits.MAX_CONNECTIONS}].",
-    )
+        float,
+        limits.BODY_TIMEOUT_S,
+        "Seconds a request body may take once its head has arrived (408 after it)",
+    ),
+    ("--max-connections", int, limits.MAX_CONNECTIONS, "Open connections at most; more are closed"),
+]
+
+
+def _limit_flags(p: argparse.ArgumentParser):
+    for flag, kind, default, text in _LIMIT_FLAGS:
+        shown = f"{default:g}" if kind is float else str(default)
+        p.add_argument(flag, type=kind, default=default, help=f"{text} [default: {shown}].")
     p.add_argument(
         "--allowed-hosts",
         default="",
