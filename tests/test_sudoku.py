@@ -212,12 +212,12 @@ def test_harness_runs_end_to_end(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_readme_sudoku_table_command_matches_its_puzzles():
-    """The README's table is of the first 100 puzzles of test.csv: its command says
-    --limit 100, and those puzzles have the hardness mix the README states."""
+    """docs/FINE_TUNING.md's table is of the first 100 puzzles of test.csv: its command says
+    --limit 100, and those puzzles have the hardness mix the table states."""
     from mlx_diffgemma.sudoku import hardness, load_puzzles
 
     repo = Path(__file__).resolve().parents[1]
-    readme = (repo / "README.md").read_text()
+    readme = (repo / "docs" / "FINE_TUNING.md").read_text()
     command = readme[readme.index("python benchmarks/sudoku.py --model examples/sudoku_toy") :]
     command = command[: command.index("# table below")]
     assert "--limit 100" in command

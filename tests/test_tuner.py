@@ -382,7 +382,7 @@ def test_shipped_sudoku_toy_solves_offline():
         assert all(s.givens_exact == 1.0 for s in scores)
         return sum(s.exact for s in scores), sum(s.blank for s in scores) / len(scores)
 
-    # The README's table on these 10 unseen puzzles: 9 solved at 16 steps (blanks 0.96).
+    # docs/FINE_TUNING.md's table on these 10 unseen puzzles: 9 solved at 16 steps (blanks 0.96).
     exact16, blank16 = solved(16)
     assert exact16 >= 7 and blank16 >= 0.85
     assert solved(1)[0] < exact16  # accuracy rises with denoising steps
