@@ -166,6 +166,7 @@ def test_live_on_a_pipe_prints_plain_output(tiny_checkpoint, tiny):
     assert "\x1b" not in result.stdout
 
 
+@pytest.mark.slow
 def test_live_on_a_terminal_redraws_the_canvas(tiny_checkpoint, tiny):
     controller, terminal = pty.openpty()
     cmd = [sys.executable, "-m", "mlx_diffgemma.generate", "--model", str(tiny_checkpoint)]
@@ -283,6 +284,7 @@ def test_prompt_longer_than_the_context(tiny_checkpoint):
     assert_clean_error(result, 1, "lower max_tokens.")
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_cleanly(tiny_checkpoint):
     # Many canvases of many steps: long enough to interrupt after the first commit.
     cmd = [sys.executable, "-m", "mlx_diffgemma", "generate", "--model", str(tiny_checkpoint)]
@@ -318,6 +320,7 @@ def test_group_has_generate_and_convert(tiny_checkpoint, tiny):
     assert result.exit_code == 0 and result.stdout == generate(*tiny, user(SKY), seed=0) + "\n"
 
 
+@pytest.mark.slow
 def test_entry_points_print_no_warning():
     # runpy warns when the package has imported the module it runs; it must not have.
     for module in ["mlx_diffgemma", "mlx_diffgemma.generate", "mlx_diffgemma.infill"]:
@@ -332,6 +335,7 @@ def test_entry_points_print_no_warning():
         assert result.stderr == "", module
 
 
+@pytest.mark.slow
 def test_the_package_imports_lazily():
     code = (
         "import sys, warnings, mlx_diffgemma\n"
@@ -360,6 +364,7 @@ def test_group_lists_each_command_with_its_own_help():
         assert cmd.name == name and cmd.get_short_help_str(limit=200) == short
 
 
+@pytest.mark.slow
 def test_chat_with_the_shipped_toy_runs_three_turns():
     """The toy's template drops earlier answers: chat still goes on (issue 21)."""
     toy = REPO / "examples" / "sudoku_toy"

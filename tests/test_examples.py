@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import mlx_diffgemma
 from mlx_diffgemma.tokenizer import Tokenizer
+
+# Subprocess servers, CLIs or training: the full suite only (README: two tiers).
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.py"))

@@ -248,6 +248,7 @@ def test_prompt_cache_matches_encoding_the_whole_conversation(tiny, tok):
     assert [r.token_ids for r in second] == [r.token_ids for r in fresh]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", ["gemma", "toy"])
 def test_chat_of_three_turns_sees_the_whole_conversation(tiny, checkpoint):
     """Any chat template (the toy's drops answers; Gemma's echoes them): at every turn

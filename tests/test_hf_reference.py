@@ -15,6 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_reference as H  # noqa: E402
 import torch  # noqa: E402
 
+# Against transformers (the torch oracle): the full suite only (README: two tiers).
+pytestmark = pytest.mark.slow
+
 P = 20
 
 

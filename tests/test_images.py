@@ -301,6 +301,7 @@ def _png(array) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_server_takes_inline_images_and_refuses_the_rest(
     vision_checkpoint, tiny_checkpoint, tmp_path, vtiny
 ):

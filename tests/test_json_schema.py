@@ -76,6 +76,7 @@ class Either(BaseModel):
 MODELS = [Flat, WithLiteral, WithEnum, WithOptional, Nested, Tags, Owner, Either]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
 def test_every_reading_validates(tiny, cls):
     model, tok = tiny
@@ -86,6 +87,7 @@ def test_every_reading_validates(tiny, cls):
         assert cls.model_validate_json(value.model_dump_json()) == value
 
 
+@pytest.mark.slow
 def test_schema_dicts_give_plain_values(tiny):
     model, tok = tiny
     schema = {

@@ -14,6 +14,9 @@ import pytest
 from mlx_diffgemma import generate, load
 from mlx_diffgemma.convert import convert_command
 
+# Subprocess servers, CLIs or training: the full suite only (README: two tiers).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "examples" / "sudoku_toy"
 PUZZLE = "460200500004120306340520604102013065"

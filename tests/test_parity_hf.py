@@ -16,6 +16,9 @@ from mlx_diffgemma import load_model  # noqa: E402
 from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step  # noqa: E402
 from mlx_diffgemma.cache import SlidingWindowCache  # noqa: E402
 
+# Against transformers (the torch oracle): the full suite only (README: two tiers).
+pytestmark = pytest.mark.slow
+
 # fp32 reduction order alone gives ~1e-4 on logits of magnitude up to 30.
 TOL = 1e-3
 

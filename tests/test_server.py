@@ -12,6 +12,9 @@ import openai
 import pytest
 from server_process import ServerProcess
 
+# Subprocess servers, CLIs or training: the full suite only (README: two tiers).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = {
     "type": "object",

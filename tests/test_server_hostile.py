@@ -17,6 +17,9 @@ import openai
 import pytest
 from server_process import ServerProcess
 
+# Subprocess servers, CLIs or training: the full suite only (README: two tiers).
+pytestmark = pytest.mark.slow
+
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MESSAGES = "/v1/messages"

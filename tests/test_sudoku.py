@@ -181,6 +181,7 @@ def test_solve_modes(tiny):
         S.solve(model, tok, PUZZLE, clamp=False, digits_only=True)
 
 
+@pytest.mark.slow
 def test_harness_runs_end_to_end(tiny_checkpoint, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("sudoku_bench", REPO / "benchmarks" / "sudoku.py")
     bench = importlib.util.module_from_spec(spec)

@@ -19,6 +19,9 @@ from mlx_diffgemma.tuner.init import init_model
 from mlx_diffgemma.tuner.losses import Objective
 from mlx_diffgemma.tuner.trainer import ProgressReport, make_optimizer, train
 
+# Subprocess servers, CLIs or training: the full suite only (README: two tiers).
+pytestmark = pytest.mark.slow
+
 ALPHABET = "0123456789|"
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"

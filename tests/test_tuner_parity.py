@@ -28,6 +28,9 @@ from mlx_diffgemma.tuner.adapters import setup_full  # noqa: E402
 from mlx_diffgemma.tuner.data import Example, make_batch  # noqa: E402
 from mlx_diffgemma.tuner.losses import Draws, Objective, diffusion_loss  # noqa: E402
 
+# Against transformers (the torch oracle): the full suite only (README: two tiers).
+pytestmark = pytest.mark.slow
+
 TOL = 1e-4
 W_ENC = 0.7  # not 1, so a wrong weight shows
 
