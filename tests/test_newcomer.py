@@ -171,3 +171,22 @@ def test_quantization_warning_counts_every_float_matrix(tiny_checkpoint, tmp_pat
         if k.endswith(".weight") and v.ndim >= 2 and k.rsplit(".", 1)[0] not in quantized
     ]
     assert f"[WARNING] {len(floats)} matrices stay unquantized" in p.stdout.decode()
+
+
+def test_training_log_off_a_terminal_is_plain_lines(tiny_checkpoint, tmp_path):
+    """Off a terminal the trainer writes one plain line per report: no colour codes, no
+    live table, no line twice (issue 22)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.dumps({"prompt": f"{i}", "completion": f"{i + 1}"}) for i in range(16)]
+    for name in ("train", "valid"):
+        (data / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    cmd = ENTRY["module"]("lora") + ["--model", str(tiny_checkpoint), "--train", "--data"]
+    cmd += [str(data), "--iters", "4", "--num-layers", "-1", "--batch-size", "2"]
+    cmd += ["--steps-per-report", "2", "--steps-per-eval", "2", "--val-batches", "1"]
+    p = run([*cmd, "--adapter-path", str(tmp_path / "a")])
+    out = p.stdout.decode()
+    assert p.returncode == 0, p.stderr
+    assert "\x1b[" not in out and "\r" not in out
+    lines = [line for line in out.splitlines() if line.startswith("Iter ")]
+    assert len(lines) == len(set(lines)) and sum("train loss" in line for line in lines) == 2

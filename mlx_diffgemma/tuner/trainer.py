@@ -4,9 +4,12 @@ mlx-lm's loop compiles the step, accumulates gradients, validates and saves
 `adapters.safetensors` (the trainable parameters) exactly as mlx_lm.lora does; this
 module supplies the batches (with the objective's random draws), the loss, Google's
 optimizer (Adam with betas 0.95/0.99, linear warmup then cosine decay) and a progress
-line with loss, it/s, tokens/s and peak memory.
+line with loss, it/s, tokens/s and peak memory. On a terminal mlx-lm's live table shows
+the progress; off one (a log file, a pipe) only the plain lines do, with no colour codes.
 """
 
+import contextlib
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -52,10 +55,13 @@ def make_optimizer(learning_rate: float, iters: int, lr_schedule: Optional[dict]
 
 
 class ProgressReport(TrainingCallback):
-    """One line per report: loss, it/s, tokens/s (trained canvas positions), peak memory."""
+    """One plain line per report: loss, it/s, tokens/s (trained canvas positions), peak
+    memory. On a terminal mlx-lm's live table shows the same, so it prints nothing there
+    (unless `print_fn` is given) and only keeps `history`."""
 
-    def __init__(self, print_fn=print):
-        self.print = print_fn
+    def __init__(self, print_fn=None):
+        quiet = print_fn is None and sys.stdout.isatty()
+        self.print = (lambda *a, **k: None) if quiet else (print_fn or print)
         self.history = []
 
     def on_train_loss_report(self, info):
@@ -96,16 +102,63 @@ def train(
         # forward does not use (and inference does); ours is in the Objective.
         raise ValueError("Pass grad_checkpoint through Objective, not TrainingArgs.")
     mx.random.seed(seed)
-    mlx_lm_train(
-        model,
-        optimizer,
-        list(train_set),
-        list(valid_set) or None,
-        args=args,
-        loss=make_loss(objective),
-        iterate_batches=BatchIterator(model, pad_id, objective, seed, pad_to),
-        training_callback=callback,
-    )
+    with _plain_progress_off_a_terminal():
+        mlx_lm_train(
+            model,
+            optimizer,
+            list(train_set),
+            list(valid_set) or None,
+            args=args,
+            loss=make_loss(objective),
+            iterate_batches=BatchIterator(model, pad_id, objective, seed, pad_to),
+            training_callback=callback,
+        )
+
+
+class _QuietUI:
+    """Stands in for mlx-lm's `TrainUI` off a terminal: its rich console writes colour
+    codes and a live table even into a log file; `ProgressReport` prints plain lines."""
+
+    def __init__(self, total_iters: int, rank: int = 0):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def advance(self):
+        pass
+
+    def report_train(self, *args):
+        pass
+
+    @contextlib.contextmanager
+    def val_task(self, total: int):
+        yield lambda: None
+
+    def report_val(self, *args):
+        pass
+
+    def report_save(self, checkpoint):
+        print(f"Saved adapter weights to {checkpoint}.", flush=True)
+
+
+@contextlib.contextmanager
+def _plain_progress_off_a_terminal():
+    """mlx-lm's live table on a terminal; plain lines (ProgressReport) otherwise."""
+    if sys.stdout.isatty():
+        yield
+        return
+    import mlx_lm.tuner.trainer as mlx_lm_trainer
+
+    ui = mlx_lm_trainer.TrainUI
+    mlx_lm_trainer.TrainUI = _QuietUI
+    try:
+        yield
+    finally:
+        mlx_lm_trainer.TrainUI = ui
 
 
 def evaluate_loss(
