@@ -204,7 +204,7 @@ def ttft_http(url, max_tokens: int, repeats: int):
 def ttft_forced(model_path: str, canvases_of_thought: int):
     sys.path.insert(0, str(REPO))
     from mlx_diffgemma import CanvasLayout, load, stream_generate
-    from mlx_diffgemma.server.run import _drive
+    from mlx_diffgemma.server.run import drive
     from mlx_diffgemma.server.textstream import TextStream
 
     model, tok = load(model_path)
@@ -214,7 +214,7 @@ def ttft_forced(model_path: str, canvases_of_thought: int):
     for _ in range(2):  # the first run warms up
         tic, seen = time.perf_counter(), {}
         events = stream_generate(model, tok, "Hi", layout=layout, seed=0)
-        for ev in _drive(events, TextStream([], False), lambda: None, 0):
+        for ev in drive(events, TextStream([], False), lambda: None, 0):
             seen.setdefault(ev.kind, time.perf_counter() - tic)
     print(
         f"forced thought of {len(tok.encode(thought))} tokens then the answer "

@@ -48,7 +48,7 @@ def main():
     for cls in models():
         frame = json_frame(tok, cls.model_json_schema(), model.args.max_position_embeddings)
         t = frame.template
-        n = len(t.layout(C, t.end_id(True), model.args.vocab_size))
+        n = t.positions(C)
         kw = {"max_denoising_steps": args.steps}
 
         def reply_once(seed, cls=cls, kw=kw):

@@ -198,11 +198,21 @@ class InfillTemplate:
             head = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
         else:
             head = [self.tokenizer.bos_token_id]
-        return head + (self.tokenizer.encode(self.prefix) if self.prefix else [])
+        return head + self.prefix_ids()
 
     def prefix_ids(self) -> List[int]:
         """Ids of the prefix alone."""
         return self.tokenizer.encode(self.prefix) if self.prefix else []
+
+    def positions(self, canvas_length: int) -> int:
+        """Canvas positions of the layout: whole canvases up to the last free slot."""
+        last_free, pos = 0, 0
+        for part, part_ids in zip(self.parts, self._ids):
+            size = len(part_ids) if isinstance(part, str) else part.budget
+            if not isinstance(part, str):
+                last_free = pos + size - 1
+            pos += size
+        return math.ceil((last_free + 1) / canvas_length) * canvas_length
 
     def end_id(self, chat: bool) -> int:
         """The token clamped after the text: `<turn|>` after a chat turn, else the first EOS."""
@@ -233,8 +243,7 @@ class InfillTemplate:
             for i in range(part.budget):
                 mask = part.first if i == 0 else part.rest
                 classes.append(-1 if mask is None else _index(masks, mask))
-        last_free = max(i for i, f in enumerate(fixed) if not f)
-        n = math.ceil((last_free + 1) / C) * C
+        n = self.positions(C)
         if len(ids) < n:  # room left: the text ends here, then padding
             pad = self.tokenizer.pad_token_id
             extra = n - len(ids)

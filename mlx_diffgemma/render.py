@@ -105,7 +105,7 @@ class Output:
     def _redraw(self, canvas):
         self._erase()
         cols, lines = shutil.get_terminal_size()
-        region, width = _fit(self.line + canvas, cols * max(1, lines - 1) - 1)
+        region, width = fit(self.line + canvas, cols * max(1, lines - 1) - 1)
         click.echo(HIDE_CURSOR + "".join(_styled(t, s) for t, s in region), nl=False)
         self.rows = max(1, math.ceil(width / cols))
 
@@ -136,7 +136,7 @@ def text_width(text: str) -> int:
     return max(0, wcwidth.wcswidth(text))
 
 
-def _fit(pieces, limit: int):
+def fit(pieces, limit: int):
     """Pieces made printable on one wrapped line of at most `limit` cells, and their width.
 
     Clusters are found in the joined text: a vowel sign decoded apart from its consonant

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 import mlx_diffgemma.cli as cli_module
 from mlx_diffgemma.cli import cli
 from mlx_diffgemma.generate import generate_command
-from mlx_diffgemma.render import Output, _fit
+from mlx_diffgemma.render import Output, fit
 
 SKY = "Why is the sky blue?"
 # The module (`import mlx_diffgemma.generate` names the function of the same name).
@@ -160,12 +160,12 @@ def test_seed_out_of_range(tiny_checkpoint, command, seed):
     ],
 )
 def test_live_widths_count_clusters(text, width):
-    assert _fit([(text * 10, "")], limit=1000) == ([(text * 10, "")], 10 * width)
+    assert fit([(text * 10, "")], limit=1000) == ([(text * 10, "")], 10 * width)
 
 
 def test_a_mark_decoded_apart_from_its_letter_joins_it():
     # Accepted "क" then a dimmed vowel sign: one cell, as the terminal draws it.
-    assert _fit([("क", ""), ("\u0947", "d")], limit=10) == ([("के", "")], 1)
+    assert fit([("क", ""), ("\u0947", "d")], limit=10) == ([("के", "")], 1)
 
 
 def test_live_redraw_counts_the_rows_it_drew(monkeypatch, capsys):

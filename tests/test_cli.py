@@ -17,7 +17,7 @@ from mlx_diffgemma import PromptCache, generate, stream_generate
 from mlx_diffgemma.cli import cli
 from mlx_diffgemma.generate import generate_command
 from mlx_diffgemma.model import Model
-from mlx_diffgemma.render import Output, _fit
+from mlx_diffgemma.render import Output, fit
 
 REPO = Path(__file__).resolve().parents[1]
 SKY = "Why is the sky blue?"
@@ -151,10 +151,10 @@ def test_thinking_goes_to_stderr_off_a_terminal_or_is_hidden(capsys):
 
 
 def test_live_region_fits_one_wrapped_line():
-    pieces, width = _fit([("a\tb\n", ""), ("日本", "x"), ("\x07", "")], limit=100)
+    pieces, width = fit([("a\tb\n", ""), ("日本", "x"), ("\x07", "")], limit=100)
     assert pieces == [("a       b\u21b5", ""), ("日本", "x"), ("\ufffd", "")]
     assert width == 10 + 4 + 1
-    pieces, width = _fit([("abcdef", "")], limit=4)
+    pieces, width = fit([("abcdef", "")], limit=4)
     assert pieces == [("abcd\u2026", "")] and width == 5
 
 

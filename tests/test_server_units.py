@@ -9,7 +9,7 @@ from mlx_diffgemma import CanvasLayout, stream_generate
 from mlx_diffgemma.server.formats import AnthropicMessages, OpenAIChat
 from mlx_diffgemma.server.prompt import tool_prompt_ids
 from mlx_diffgemma.server.protocol import GenRequest, RequestError, parse_chat, parse_messages
-from mlx_diffgemma.server.run import _drive
+from mlx_diffgemma.server.run import drive
 from mlx_diffgemma.server.textstream import TextStream
 from mlx_diffgemma.server.tools import parse_tool_calls, render_call, render_response
 
@@ -187,7 +187,7 @@ def _forced(tiny, text: str, stop=(), tools=False):
     ids = tok.encode(text) + [106]
     layout = CanvasLayout(tuple(ids), (True,) * len(ids))
     events = stream_generate(model, tok, "Hi", layout=layout, seed=0)
-    return list(_drive(events, TextStream(list(stop), tools), lambda: None, 0))
+    return list(drive(events, TextStream(list(stop), tools), lambda: None, 0))
 
 
 def _sse(lines):
@@ -341,12 +341,12 @@ def test_json_object_is_the_models_own_object(tok):
     (not wrapped), re-serialised."""
     from test_generate import ScriptedModel
 
-    from mlx_diffgemma.server.run import _drive_json_object
+    from mlx_diffgemma.server.run import drive_json_object
 
     script = tok.encode('"answer": [1, 2], "ok": true}') + [tok.pad_token_id] * 64
     model = ScriptedModel(script, canvas_length=8)
     req = GenRequest("chat", max_tokens=24, json_object=True)
     messages = [{"role": "user", "content": "JSON please"}]
-    events = list(_drive_json_object(model, tok, messages, req, {"seed": 0}))
+    events = list(drive_json_object(model, tok, messages, req, {"seed": 0}))
     assert json.loads(events[0].text) == {"answer": [1, 2], "ok": True}
     assert events[-1].kind == "done"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ..config import FAST_SETTINGS, MODES, DiffusionConfig
+from ..tokenizer import check_text
 from . import images as images_of_request
 from . import limits
 from .errors import RequestError
@@ -134,13 +135,9 @@ def _check_tree(data):
 
 def _check_text(text: str, where: str):
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise RequestError(
-            f"'{where}' holds a lone surrogate {text[e.start]!r} at character {e.start}, "
-            "which is not text; send valid UTF-16 pairs or UTF-8.",
-            _top(where),
-        ) from None
+        check_text(text, f"'{where}'")
+    except ValueError as e:
+        raise RequestError(str(e), _top(where)) from None
 
 
 def _top(path: str) -> Optional[str]:

@@ -177,7 +177,7 @@ def _generate(model, tokenizer, req, caches, kwargs) -> Iterator[Event]:
     )
     stream = TextStream(req.stop, tools=has_tools(req))
     param = "prompt" if req.api == "completions" else "messages"
-    return _drive(events, stream, lambda: caches.put(cache), cached, param)
+    return drive(events, stream, lambda: caches.put(cache), cached, param)
 
 
 def _generate_with_images(model, tokenizer, req, kwargs) -> Iterator[Event]:
@@ -197,10 +197,10 @@ def _generate_with_images(model, tokenizer, req, kwargs) -> Iterator[Event]:
         drafts=req.include_drafts,
         **kwargs,
     )
-    return _drive(events, TextStream(req.stop, tools=False), lambda: None, 0)
+    return drive(events, TextStream(req.stop, tools=False), lambda: None, 0)
 
 
-def _drive(events, stream, keep_cache, cached, param="messages") -> Iterator[Event]:
+def drive(events, stream, keep_cache, cached, param="messages") -> Iterator[Event]:
     last, finished, calls = None, False, []
     try:
         for r in _checked(events, param):
@@ -304,11 +304,10 @@ def _structured(model, tokenizer, req, kwargs) -> Iterator[Event]:
         )
     messages = plain_messages(req.messages)
     if req.json_object:
-        return _drive_json_object(model, tokenizer, messages, req, kwargs)
+        return drive_json_object(model, tokenizer, messages, req, kwargs)
     frame = json_frame_of(tokenizer, req, model.args.max_position_embeddings)
     if frame.template is not None and req.max_tokens is not None:
-        a = model.args
-        n = len(frame.template.layout(a.canvas_length, frame.template.end_id(True), a.vocab_size))
+        n = frame.template.positions(model.args.canvas_length)
         if req.max_tokens < n:
             raise RequestError(
                 f"The schema's frame takes {n} tokens (whole canvases), more than "
@@ -382,7 +381,7 @@ def _drive_json(model, tokenizer, frame, messages, req, kwargs) -> Iterator[Even
     yield _done("stop", last, 0, [], None)
 
 
-def _drive_json_object(model, tokenizer, messages, req, kwargs) -> Iterator[Event]:
+def drive_json_object(model, tokenizer, messages, req, kwargs) -> Iterator[Event]:
     """response_format json_object: `{` clamped, the rest the model's own; the text must
     parse as an object, re-sampled with the next seeds up to JSON_ATTEMPTS times."""
     n = max(2, (req.max_tokens or JSON_OBJECT_TOKENS) - 1)

@@ -35,6 +35,10 @@ class Stopped(RuntimeError):
         self.status = status
 
 
+def _shutting_down() -> "Stopped":
+    return Stopped("The server is shutting down; retry later.", 503)
+
+
 class Job:
     """A request on its way through the worker; `out` receives `(kind, payload)` items.
 
@@ -179,7 +183,7 @@ class Worker:
         if job.cancelled.is_set():
             return "cancelled"
         if self.closing:
-            job.send("error", Stopped("The server is shutting down; retry later.", 503))
+            job.send("error", _shutting_down())
             return "cancelled"
         job.send(
             "error",
@@ -196,7 +200,7 @@ class Worker:
             self.waiting.clear()
             self.lock.notify_all()
         for job in dropped:
-            job.send("error", Stopped("The server is shutting down; retry later.", 503))
+            job.send("error", _shutting_down())
             job.send("end")
         if timeout is not None:
             self.thread.join(timeout)
