@@ -1,6 +1,6 @@
 """Batched generation throughput on the CPU: this port vs transformers, batch 1 and 100.
 
-    python benchmarks/bench_batch.py [--batch 1,100] [--steps 16] [--canvases 2]
+    python -m benchmarks.bench_batch [--batch 1,100] [--steps 16] [--canvases 2]
 
 Both run the same random small MoE (width 128, 4 layers, 4 experts top-2, vocabulary 512,
 canvas 40; built once by shape_checkpoint.py in transformers' layout, fp32) on the same
@@ -12,16 +12,12 @@ shapes first; then one timed. tok/s counts generated tokens of all rows.
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from shape_checkpoint import build  # noqa: E402
+from benchmarks.shape_checkpoint import build
 
 SETTINGS = dict(stability_threshold=0, confidence_threshold=1e-12, entropy_bound=0.1)
 

@@ -1,13 +1,13 @@
 """Generation benchmark: this port, mlx-vlm and transformers side by side on one checkpoint.
 
-    python benchmarks/bench_generate.py --config shape --steps 3 --max-new-tokens 512 --repeats 2
-    python benchmarks/bench_generate.py --fast --steps 3 --max-new-tokens 512 --repeats 2
+    python -m benchmarks.bench_generate --config shape --steps 3 --max-new-tokens 512 --repeats 2
+    python -m benchmarks.bench_generate --fast --steps 3 --max-new-tokens 512 --repeats 2
 
 On a trained toy (mlx-vlm needs transformers' layout with a vision tower, which
 `shape_checkpoint.py --from-mlx` writes; this port reads either):
 
-    python benchmarks/shape_checkpoint.py TOY_HF --from-mlx examples/sudoku_toy
-    python benchmarks/bench_generate.py --checkpoint TOY_HF --eos --k 4 --steps 48 \
+    python -m benchmarks.shape_checkpoint TOY_HF --from-mlx examples/sudoku_toy
+    python -m benchmarks.bench_generate --checkpoint TOY_HF --eos --k 4 --steps 48 \
         --max-new-tokens 40 --prompt "460200500004120306340520604102013065|" --fast
 
 `--fast` compares exact mode, fast mode, each fast-mode approximation alone and mlx-vlm's
@@ -42,11 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from peers import run_peer_subprocess  # noqa: E402
-from shape_checkpoint import build  # noqa: E402
+from benchmarks.peers import run_peer_subprocess
+from benchmarks.shape_checkpoint import build
 
 MLX_VLM_SOURCE_SYNCS = "1-2 (source)"
 _OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=False, canvas_shrink=0)

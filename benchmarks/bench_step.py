@@ -1,6 +1,6 @@
 """What one denoising step costs, per fast-mode setting and per compaction width.
 
-    python benchmarks/bench_step.py [--checkpoint PATH] [--widths 256,128,64,32,16] [--repeats 3]
+    python -m benchmarks.bench_step [--checkpoint PATH] [--widths 256,128,64,32,16] [--repeats 3]
 
 On a random checkpoint the steps a canvas takes are an artifact of the weights (the
 shape checkpoint's peaked logits let monotone commit finish a canvas in one step), so
@@ -20,22 +20,17 @@ benchmarks/fast_quality.py, to compare settings (benchmarks/README.md does).
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_generate import default_checkpoint  # noqa: E402
-from shape_checkpoint import build  # noqa: E402
-
-from mlx_diffgemma import load_model  # noqa: E402
-from mlx_diffgemma import sampler as S  # noqa: E402
-from mlx_diffgemma import topk as T  # noqa: E402
-from mlx_diffgemma.block_diffusion import (  # noqa: E402
+from benchmarks.bench_generate import default_checkpoint
+from benchmarks.shape_checkpoint import build
+from mlx_diffgemma import load_model
+from mlx_diffgemma import sampler as S
+from mlx_diffgemma import topk as T
+from mlx_diffgemma.block_diffusion import (
     _cpu_lanes,
     _stats,
     _top_k_stats,

@@ -1,7 +1,7 @@
 """Prefill cost of one image in the released vision tower's shape, on this machine.
 
-    python benchmarks/bench_vision.py                       # 280 soft tokens, bfloat16
-    python benchmarks/bench_vision.py --dtype float32 --openblas --budget 70 280 1120
+    python -m benchmarks.bench_vision                       # 280 soft tokens, bfloat16
+    python -m benchmarks.bench_vision --dtype float32 --openblas --budget 70 280 1120
 
 The tower has google/diffusiongemma-26B-A4B-it's vision_config (hidden 1152, 27 layers of
 16 heads x 72, MLP 4304, patch 16, 3 x 3 pooling, 2-D RoPE theta 100, standardised) and
@@ -22,17 +22,13 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from mlx_diffgemma.image_processing import preprocess_image  # noqa: E402
-from mlx_diffgemma.vision import (  # noqa: E402
+from mlx_diffgemma.image_processing import preprocess_image
+from mlx_diffgemma.vision import (
     MultimodalEmbedder,
     VisionConfig,
     VisionModel,

@@ -6,8 +6,8 @@ embedding and friends, one shard per layer, random data, streamed to disk so the
 never holds more than a chunk. Then converts it to 4-bit (mixed recipe by default) in a
 fresh subprocess and reads that process's peak RSS with os.wait4.
 
-    python benchmarks/convert_memory.py                 # N = 1, 2, 4
-    python benchmarks/convert_memory.py --layers 1 2 4 8 --recipe uniform
+    python -m benchmarks.convert_memory                 # N = 1, 2, 4
+    python -m benchmarks.convert_memory --layers 1 2 4 8 --recipe uniform
 
 Needs about 1.5 + 1.65 * N GB of disk per checkpoint (removed afterwards) under
 --dir (default: the system temp folder). The input was just written, so it is read from
@@ -29,10 +29,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mlx_diffgemma.convert import build_lazy_model
 
-from mlx_diffgemma.convert import build_lazy_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FULL_LAYERS = 30
 CHUNK = 32 << 20  # elements per generated chunk

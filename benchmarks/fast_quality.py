@@ -1,6 +1,6 @@
 """Fast mode's quality: each approximation alone and combined, against exact mode.
 
-    python benchmarks/fast_quality.py --model PATH [PATH ...] [--limit 100] [--steps 48]
+    python -m benchmarks.fast_quality --model PATH [PATH ...] [--limit 100] [--steps 48]
 
 With `--data FILE.jsonl` (mlx-lm's chat, completions or text format, read as the trainer
 reads it; e.g. the LoRA demo's test set) a model is scored on exact match: the output up
@@ -26,15 +26,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_generate import with_top_k  # noqa: E402
-
-from mlx_diffgemma import load  # noqa: E402
-from mlx_diffgemma.block_diffusion import Block, generate_step  # noqa: E402
-from mlx_diffgemma.generate import resolve_config  # noqa: E402
-from mlx_diffgemma.tuner.data import load_jsonl  # noqa: E402
+from benchmarks.bench_generate import with_top_k
+from mlx_diffgemma import load
+from mlx_diffgemma.block_diffusion import Block, generate_step
+from mlx_diffgemma.generate import resolve_config
+from mlx_diffgemma.tuner.data import load_jsonl
 
 OFF = dict(mode="fast", top_k=0, self_conditioning_top_k=0, monotone_commit=False, canvas_shrink=0)
 M = {"mode": "fast", "monotone_commit": True}  # fast mode with monotone commit

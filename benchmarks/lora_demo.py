@@ -1,6 +1,6 @@
 """LoRA demo on a toy: adapt a from-scratch model to a related task, then fuse.
 
-    python benchmarks/lora_demo.py [--out DIR]
+    python -m benchmarks.lora_demo [--out DIR]
 
 1. Train a tiny model from scratch (full fine-tune) to shift every digit of a 4-digit
    string by +1 (the tests' toy).
@@ -12,17 +12,14 @@
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlx_diffgemma import fuse, generate, load, lora  # noqa: E402
-from mlx_diffgemma.tuner import toy  # noqa: E402
+from mlx_diffgemma import fuse, generate, load, lora
+from mlx_diffgemma.tuner import toy
 
 ALPHABET = "0123456789|"
 TEMPLATE = (

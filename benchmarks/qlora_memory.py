@@ -1,9 +1,9 @@
 """Peak memory of one QLoRA step at the real model's shapes, projected to 30 layers.
 
-    python benchmarks/qlora_memory.py --json qlora_memory.json   # seq 256/512/1024, +/- ckpt
-    python benchmarks/qlora_memory.py --seq 512 --layers 1,2
-    python benchmarks/qlora_memory.py --from-json qlora_memory.json   # the table again
-    python benchmarks/qlora_memory.py --projection-only              # weight bytes only
+    python -m benchmarks.qlora_memory --json qlora_memory.json   # seq 256/512/1024, +/- ckpt
+    python -m benchmarks.qlora_memory --seq 512 --layers 1,2
+    python -m benchmarks.qlora_memory --from-json qlora_memory.json   # the table again
+    python -m benchmarks.qlora_memory --projection-only              # weight bytes only
 
 Each run (a fresh subprocess) builds the real geometry (hidden 2816, 128 experts of 704,
 top-8, vocabulary 262,144, canvas 256, full-attention KV heads 2) with 1 and with 2
@@ -32,8 +32,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REAL = {
     "model_type": "diffusion_gemma",

@@ -8,7 +8,7 @@ self-conditioning. Activations and scales stay fp32 (the CPU's quantized kernels
 accumulate in the activation dtype). Then prints the on-disk size per recipe and the size
 the same planner gives for the real 26B.
 
-    python benchmarks/quant_quality.py [--seeds 3]
+    python -m benchmarks.quant_quality [--seeds 3]
 
 A random model is not the trained one: read the numbers as a ranking of the recipes.
 """
@@ -16,7 +16,6 @@ A random model is not the trained one: read the numbers as a ranking of the reci
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,10 +23,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlx_diffgemma import load_model  # noqa: E402
-from mlx_diffgemma.convert import build_lazy_model, convert, estimate_output_bytes  # noqa: E402
+from mlx_diffgemma import load_model
+from mlx_diffgemma.convert import build_lazy_model, convert, estimate_output_bytes
 
 TINY_TEXT = {
     "model_type": "diffusion_gemma_text",

@@ -11,7 +11,7 @@ Starts `python -m mlx_diffgemma.server --model MODEL` on a free loopback port, t
    `<|channel>thought ...<channel|>answer`, as a random model writes no thoughts): time to
    the first reasoning delta vs the first answer delta.
 
-    python benchmarks/server_clients.py --model PATH
+    python -m benchmarks.server_clients --model PATH
 """
 
 import argparse
@@ -202,7 +202,6 @@ def ttft_http(url, max_tokens: int, repeats: int):
 
 
 def ttft_forced(model_path: str, canvases_of_thought: int):
-    sys.path.insert(0, str(REPO))
     from mlx_diffgemma import CanvasLayout, load, stream_generate
     from mlx_diffgemma.server.run import drive
     from mlx_diffgemma.server.textstream import TextStream

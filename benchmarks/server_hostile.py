@@ -7,7 +7,7 @@ then for each case sends the request, samples the server's RSS every 0.1 s until
 small request then takes to be served. A server that does not recover within the limit is
 killed and restarted for the next case.
 
-    python benchmarks/server_hostile.py --model PATH [--repo OLD_CHECKOUT]
+    python -m benchmarks.server_hostile --model PATH [--repo OLD_CHECKOUT]
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Random DiffusionGemma checkpoints in the transformers layout, for side-by-side benchmarks.
 
-    python benchmarks/shape_checkpoint.py OUT {shape,tiny} [--layers 2 --experts 8 --top-k 2]
-    python benchmarks/shape_checkpoint.py OUT --from-mlx examples/sudoku_toy
+    python -m benchmarks.shape_checkpoint OUT {shape,tiny} [--layers 2 --experts 8 --top-k 2]
+    python -m benchmarks.shape_checkpoint OUT --from-mlx examples/sudoku_toy
 
 "shape" has the released per-layer shapes (hidden 2816, vocab 262,144, head dims 256/512,
 16 heads, 8/2 KV heads, expert size 704, canvas 256) but few layers and experts, so that a

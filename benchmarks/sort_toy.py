@@ -1,7 +1,7 @@
 """Train a toy that sorts digits on a 64-position canvas: fast mode's long-canvas oracle.
 
-    python benchmarks/sort_toy.py --out DIR [--digits 48 --iters 600]
-    python benchmarks/fast_quality.py --model DIR/model --data DIR/data/test.jsonl --k 4
+    python -m benchmarks.sort_toy --out DIR [--digits 48 --iters 600]
+    python -m benchmarks.fast_quality --model DIR/model --data DIR/data/test.jsonl --k 4
 
 The answer is the prompt's digits in ascending order: runs of equal digits whose
 boundaries depend on the counts of every digit, so the model is sure of the run interiors
@@ -13,16 +13,13 @@ full`), as the LoRA demo's base is.
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlx_diffgemma import fuse, lora  # noqa: E402
-from mlx_diffgemma.tuner import toy  # noqa: E402
+from mlx_diffgemma import fuse, lora
+from mlx_diffgemma.tuner import toy
 
 ALPHABET = "0123456789|"
 TEMPLATE = (

@@ -5,21 +5,18 @@ list of nested, union), lays out its frame (`json_frame`), then times `generate_
 against `stream_generate` with `max_tokens` equal to the frame's canvases, same seed and
 step budget; prints a table. A reply costs its frame's canvases only, whatever max_tokens.
 
-    python benchmarks/structured_cost.py --model PATH [--steps 4] [--repeats 2]
+    python -m benchmarks.structured_cost --model PATH [--steps 4] [--repeats 2]
 """
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 from mlx_diffgemma import generate_json, json_frame, load, stream_generate
 
 
 def models():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_json_schema import MODELS  # the suite's pydantic models
+    from tests.test_json_schema import MODELS  # the suite's pydantic models
 
     return MODELS
 

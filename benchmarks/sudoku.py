@@ -1,7 +1,7 @@
 """Sudoku step sweep: Google's recipe prompt, givens clamped, Google's metrics, any checkpoint.
 
-    python benchmarks/sudoku.py --model PATH                      # the built-in puzzles
-    python benchmarks/sudoku.py --model PATH --puzzles sudoku.csv --limit 200 --steps 12,48
+    python -m benchmarks.sudoku --model PATH                      # the built-in puzzles
+    python -m benchmarks.sudoku --model PATH --puzzles sudoku.csv --limit 200 --steps 12,48
 
 For each denoising-step cap of the sweep, every puzzle is solved once (seed + puzzle index,
 the same for every cap), and the table gives: exact accuracy, cell accuracy (correct empty

@@ -1,9 +1,9 @@
 """Train a tiny DiffusionGemma from scratch on 6x6 Sudoku with the fine-tuning objective.
 
     # the shipped toy (with the OpenBLAS preload of PERFORMANCE.md, 78 min here)
-    python benchmarks/sudoku_toy.py --out examples/sudoku_toy --iters 2500 --hidden-size 128 \
+    python -m benchmarks.sudoku_toy --out examples/sudoku_toy --iters 2500 --hidden-size 128 \
         --layers 4 --batch-size 32 --learning-rate 2e-3 --base-puzzles 3000 --givens 12,24
-    python benchmarks/sudoku.py --model examples/sudoku_toy --puzzles examples/sudoku_toy/test.csv \
+    python -m benchmarks.sudoku --model examples/sudoku_toy --puzzles examples/sudoku_toy/test.csv \
         --prompt-format toy --digits-only --steps 1,2,4,8,16,48 --ar
 
 Puzzles: 6x6 grids with 2x3 boxes, generated with unique solutions (random full grid by
@@ -21,16 +21,13 @@ positions apart).
 import argparse
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlx_diffgemma import sudoku as S  # noqa: E402
-from mlx_diffgemma.tuner.data import Example  # noqa: E402
+from mlx_diffgemma import sudoku as S
+from mlx_diffgemma.tuner.data import Example
 
 N, BR, BC = 6, 2, 3  # size, box rows, box columns
 CANVAS = 40  # 36 digits + EOS, padded to a multiple of 8

@@ -1,6 +1,6 @@
 """Training steps per second with the dense-experts path and with the sorted gather path.
 
-    python benchmarks/train_speed.py [--hidden 128 --layers 4 --batch-size 32 --canvas 40]
+    python -m benchmarks.train_speed [--hidden 128 --layers 4 --batch-size 32 --canvas 40]
 
 The shapes are the shipped 6x6 Sudoku toy's by default (prompt 38 tokens, 36 answer
 digits + EOS on one 40-token canvas, 4 experts, top-2). Each path runs the full objective (both self-conditioning passes, encoder loss)
@@ -9,23 +9,19 @@ first two steps (compilation) are not timed.
 """
 
 import argparse
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlx_diffgemma.tuner import toy  # noqa: E402
-from mlx_diffgemma.tuner.adapters import setup_full  # noqa: E402
-from mlx_diffgemma.tuner.data import Example, make_batch  # noqa: E402
-from mlx_diffgemma.tuner.init import init_model  # noqa: E402
-from mlx_diffgemma.tuner.losses import Objective, diffusion_loss, sample_draws  # noqa: E402
-from mlx_diffgemma.tuner.trainer import make_optimizer  # noqa: E402
+from mlx_diffgemma.tuner import toy
+from mlx_diffgemma.tuner.adapters import setup_full
+from mlx_diffgemma.tuner.data import Example, make_batch
+from mlx_diffgemma.tuner.init import init_model
+from mlx_diffgemma.tuner.losses import Objective, diffusion_loss, sample_draws
+from mlx_diffgemma.tuner.trainer import make_optimizer
 
 
 def steps_per_second(dense: bool, args) -> float:

@@ -219,7 +219,7 @@ def test_readme_sudoku_table_command_matches_its_puzzles():
 
     repo = Path(__file__).resolve().parents[1]
     readme = (repo / "docs" / "FINE_TUNING.md").read_text()
-    command = readme[readme.index("python benchmarks/sudoku.py --model examples/sudoku_toy") :]
+    command = readme[readme.index("python -m benchmarks.sudoku --model examples/sudoku_toy") :]
     command = command[: command.index("# table below")]
     assert "--limit 100" in command
     puzzles = load_puzzles(repo / "examples" / "sudoku_toy" / "test.csv", limit=100)
