@@ -30,7 +30,7 @@ def prompts(batch: int, length: int = 38, vocab: int = 512):
 def ours(path: Path, ids, steps: int, tokens: int) -> float:
     import mlx.core as mx
 
-    from mlx_diffgemma.block_diffusion import Block, generate_step
+    from mlx_diffgemma.diffusion.steps import Block, generate_step
     from mlx_diffgemma.generate import resolve_config
     from mlx_diffgemma.loader import load_model
 

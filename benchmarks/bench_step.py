@@ -28,9 +28,9 @@ import mlx.core as mx
 from benchmarks.bench_generate import default_checkpoint
 from benchmarks.shape_checkpoint import build
 from mlx_diffgemma import load_model
-from mlx_diffgemma import sampler as S
-from mlx_diffgemma import topk as T
-from mlx_diffgemma.block_diffusion import (
+from mlx_diffgemma.diffusion import sampler as S
+from mlx_diffgemma.diffusion import topk as T
+from mlx_diffgemma.diffusion.steps import (
     _cpu_lanes,
     _stats,
     _top_k_stats,

@@ -27,8 +27,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_diffgemma.image_processing import preprocess_image
-from mlx_diffgemma.vision import (
+from mlx_diffgemma.vision.processing import preprocess_image
+from mlx_diffgemma.vision.tower import (
     MultimodalEmbedder,
     VisionConfig,
     VisionModel,

@@ -28,7 +28,7 @@ import mlx.core as mx
 
 from benchmarks.bench_generate import with_top_k
 from mlx_diffgemma import load
-from mlx_diffgemma.block_diffusion import Block, generate_step
+from mlx_diffgemma.diffusion.steps import Block, generate_step
 from mlx_diffgemma.generate import resolve_config
 from mlx_diffgemma.tuner.data import load_jsonl
 

@@ -552,7 +552,7 @@ def run_mlx_diffgemma(
     warmup: bool = False,
     fast_settings: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Generate with this project's token-level loop (`mlx_diffgemma.block_diffusion.generate_step`).
+    """Generate with this project's token-level loop (`mlx_diffgemma.diffusion.steps.generate_step`).
 
     It runs transformers' algorithm exactly (the parity tests replay transformers' draws), so
     only the RNG stream differs from the other runners; `fast_settings` (e.g.
@@ -564,7 +564,7 @@ def run_mlx_diffgemma(
 
         import mlx_diffgemma
         from mlx_diffgemma import load_model
-        from mlx_diffgemma.block_diffusion import Block, generate_step, prefill
+        from mlx_diffgemma.diffusion.steps import Block, generate_step, prefill
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(f"mlx_diffgemma is not installed ({exc}); pip install -e .") from None
 

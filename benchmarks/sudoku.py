@@ -9,7 +9,7 @@ cells / 81, as Google computes it), blank accuracy (/ empty cells), givens prese
 fraction), exact accuracy per hardness (easy >= 40 givens, medium 30-39, hard < 30), the
 denoising steps used per canvas (mean; early stopping may end a canvas before the cap) and
 output tokens per second (every output token, clamped ones included). See
-`mlx_diffgemma/sudoku.py` for the prompt, layout and metrics.
+`mlx_diffgemma/tasks/sudoku.py` for the prompt, layout and metrics.
 
 --ar adds a row for the same weights decoded autoregressively by their own causal
 encoder (greedy next token, no cache; the same clamped givens and digit limit; meant for
@@ -28,8 +28,8 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from mlx_diffgemma import load
-from mlx_diffgemma import sudoku as S
-from mlx_diffgemma.config import DiffusionConfig
+from mlx_diffgemma.diffusion.config import DiffusionConfig
+from mlx_diffgemma.tasks import sudoku as S
 
 DEFAULT_STEPS = (1, 4, 12, 16, 48)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_diffgemma import sudoku as S
+from mlx_diffgemma.tasks import sudoku as S
 from mlx_diffgemma.tuner.data import Example
 
 N, BR, BC = 6, 2, 3  # size, box rows, box columns

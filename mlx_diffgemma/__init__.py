@@ -10,29 +10,30 @@ import types
 # (PEP 562), so importing the package (as `python -m mlx_diffgemma.generate` and the
 # `mlx_diffgemma` command do first) does not import MLX or any submodule.
 _EXPORTS = {
-    "DiffusionConfig": "config",
+    "DiffusionConfig": "diffusion.config",
     "CanvasLayout": "generate",
+    "FastSettings": "diffusion.config",
     "GenerationResponse": "generate",
     "PromptCache": "generate",
     "generate": "generate",
     "stream_generate": "generate",
-    "InfillResult": "infill",
-    "InfillTemplate": "infill",
-    "infill": "infill",
-    "stream_infill": "infill",
+    "InfillResult": "tasks.infill",
+    "InfillTemplate": "tasks.infill",
+    "infill": "tasks.infill",
+    "stream_infill": "tasks.infill",
     "load": "loader",
     "load_model": "loader",
-    "StructuredResult": "structured",
-    "generate_json": "json_schema",
-    "generate_skeleton": "structured",
-    "json_frame": "json_schema",
-    "SchemaError": "json_schema",
-    "generate_table": "structured",
-    "json_template": "structured",
-    "spec_from_json_schema": "structured",
-    "table_template": "structured",
-    "validate_json": "structured",
-    "validate_table": "structured",
+    "StructuredResult": "tasks.structured",
+    "generate_json": "tasks.json_schema",
+    "generate_skeleton": "tasks.structured",
+    "json_frame": "tasks.json_schema",
+    "SchemaError": "tasks.json_schema",
+    "generate_table": "tasks.structured",
+    "json_template": "tasks.structured",
+    "spec_from_json_schema": "tasks.structured",
+    "table_template": "tasks.structured",
+    "validate_json": "tasks.structured",
+    "validate_table": "tasks.structured",
 }
 
 __all__ = sorted(_EXPORTS, key=str.lower)
@@ -52,7 +53,7 @@ def __dir__():
 
 class _Package(types.ModuleType):
     def __setattr__(self, name, value):
-        # Importing the submodule `generate` (or `infill`) binds it as an attribute of the
+        # Importing the submodule `generate` binds it as an attribute of the
         # package; the public function of the same name must stay what the name means.
         if name in _EXPORTS and isinstance(value, types.ModuleType):
             return

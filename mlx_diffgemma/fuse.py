@@ -7,18 +7,18 @@ tokenizer and generation config copied from --model). An adapter trained from sc
 (--init-config) needs no base weights: its config.json comes from the adapter.
 """
 
-import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
 
+import click
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, save_config
 
 from .loader import get_model_path, load_model, read_config
-from .options import interrupted_line, passthrough_command, prog_name
+from .options import CONTEXT_SETTINGS, interrupted_line, run_command
 from .tuner.adapters import check_adapter_weights, fuse_adapters, load_adapters
 from .tuner.init import init_model
 
@@ -68,18 +68,15 @@ def fuse(model_path, adapter_path, save_path, dequantize: bool = False) -> Path:
     return out
 
 
-def main(argv=None) -> None:
-    """Entry point (the lead's `mlx_diffgemma fuse` subcommand can call this)."""
-    p = argparse.ArgumentParser(
-        prog=prog_name("python -m mlx_diffgemma.fuse"), description=__doc__.splitlines()[0]
-    )
-    p.add_argument("--model", required=True, help="The base model folder or hub repo.")
-    p.add_argument("--adapter-path", default="adapters", help="Adapter folder [adapters].")
-    p.add_argument("--save-path", default="fused_model", help="Output folder [fused_model].")
-    p.add_argument("--dequantize", action="store_true", help="Write float weights.")
-    args = p.parse_args(argv)
+@click.command(name="fuse", context_settings=CONTEXT_SETTINGS)
+@click.option("--model", required=True, help="The base model folder or hub repo.")
+@click.option("--adapter-path", default="adapters", show_default=True, help="Adapter folder.")
+@click.option("--save-path", default="fused_model", show_default=True, help="Output folder.")
+@click.option("--dequantize", is_flag=True, help="Write float weights.")
+def fuse_command(model, adapter_path, save_path, dequantize):
+    """Fuse an adapter into the model and save it."""
     try:
-        out = fuse(args.model, args.adapter_path, args.save_path, args.dequantize)
+        out = fuse(model, adapter_path, save_path, dequantize)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     except KeyboardInterrupt:
@@ -87,7 +84,9 @@ def main(argv=None) -> None:
     print(f"Fused model saved to {out}")
 
 
-fuse_command = passthrough_command("fuse", main, "Fuse an adapter into the model and save it.")
+def main(argv=None) -> None:
+    """`python -m mlx_diffgemma.fuse ...`; returns when the fuse succeeds."""
+    run_command(fuse_command, argv, "python -m mlx_diffgemma.fuse")
 
 
 if __name__ == "__main__":

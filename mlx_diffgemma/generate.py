@@ -1,10 +1,10 @@
 """Text-level generation: `stream_generate` yields responses, `generate` drains it.
 
-`stream_generate` maps the token-level events of `block_diffusion.generate_step` to text:
+`stream_generate` maps the token-level events of `diffusion.steps.generate_step` to text:
 one "commit" response per canvas (and one "draft" per denoising step when asked), the
 thinking block split from the answer, the output trimmed to `max_tokens`. A `PromptCache`
 carries a conversation from one call to the next. A `CanvasLayout` (from the token layer,
-`canvas.py`) fixes, seeds or limits output positions (infill, structured output, puzzles).
+`diffusion/canvas.py`) fixes, seeds or limits output positions (infill, structured output, puzzles).
 
 As mlx-lm's `stream_generate`, a generation runs under `wired_limit`: on Metal the
 model's weights stay wired in memory for its duration (a no-op elsewhere).
@@ -22,10 +22,9 @@ import click
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
-from .block_diffusion import Block, DenoiseStep, generate_step, generation_stream, prefill
-from .canvas import CanvasLayout, check_token_ids
-from .config import DiffusionConfig
-from .images import prompt_images, user_message
+from .diffusion.canvas import CanvasLayout, check_token_ids
+from .diffusion.config import DiffusionConfig
+from .diffusion.steps import Block, DenoiseStep, generate_step, generation_stream, prefill
 from .options import (
     CONTEXT_SETTINGS,
     SAMPLER_FLAGS,
@@ -40,6 +39,7 @@ from .options import (
 )
 from .render import RESET, SHOW_CURSOR, Output
 from .tokenizer import check_text, split_thinking
+from .vision.prompt import prompt_images, user_message
 
 Prompt = Union[str, Sequence[int], mx.array, Sequence[Dict[str, Any]]]
 
@@ -184,7 +184,7 @@ class PromptCache:
 def resolve_config(
     model, config: Optional[DiffusionConfig] = None, max_tokens: Optional[int] = None, **settings
 ) -> DiffusionConfig:
-    """The sampler settings of a call (precedence in `config.py`).
+    """The sampler settings of a call (precedence in `diffusion/config.py`).
 
     Args:
         model: a loaded model; its `generation_config` is the base unless `config` is given.
@@ -222,13 +222,14 @@ def ineffective_settings(config: DiffusionConfig) -> Dict[str, str]:
             f"{config.stability_threshold + 1} steps, and at most {n} run"
         )
         out["stability_threshold"] = out["confidence_threshold"] = why
-    if config.mode == "exact":
-        pass  # exact mode refuses fast-mode settings (DiffusionConfig.validate)
-    elif config.commit_rule != "confidence":
+    fast = config.fast
+    if fast is None:
+        return out  # exact mode refuses fast-mode settings (DiffusionConfig.replace)
+    if fast.commit_rule != "confidence":
         out["commit_threshold"] = "only the confidence commit rule uses it"
     else:
         out["entropy_bound"] = "the confidence commit rule does not use it"
-    if config.eos_tail_cut and not config.eos_token_id:
+    if fast.eos_tail_cut and not config.eos_token_id:
         out["eos_tail_cut"] = "no eos_token_id is set, so no EOS is ever committed"
     return out
 
@@ -387,7 +388,7 @@ def stream_generate(
         model: a loaded model.
         tokenizer: its tokenizer.
         prompt: chat messages (dicts with `role` and `content`, rendered with the
-            checkpoint's chat template; content parts may be images, see `images.py`),
+            checkpoint's chat template; content parts may be images, see `vision/prompt.py`),
             text (encoded as is, BOS added) or token ids.
             With a `prompt_cache` that holds a conversation, give only the new messages.
         max_tokens: output tokens at most; defaults to the checkpoint's `max_new_tokens`.

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 
-from .config import DiffusionConfig, read_json
+from .diffusion.config import DiffusionConfig, read_json
 from .model import Model, ModelArgs
 
 if TYPE_CHECKING:

@@ -10,19 +10,19 @@ the tokenizer and generation_config.json, and --fine-tune-type must be full).
     python -m mlx_diffgemma.lora --model M --adapter-path adapters --data DIR --test
 """
 
-import argparse
 import json
 import math
 import sys
 import types
 from pathlib import Path
 
+import click
 import mlx.core as mx
 import yaml
 from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.utils import save_config
 
-from .options import interrupted_line, passthrough_command, prog_name
+from .options import CONTEXT_SETTINGS, interrupted_line, run_command
 from .tuner import adapters as A
 from .tuner.data import check_lengths, load_dataset
 from .tuner.init import init_model, read_init_config
@@ -61,60 +61,68 @@ CONFIG_DEFAULTS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog_name("python -m mlx_diffgemma.lora"),
-        description="LoRA, DoRA, QLoRA or full fine-tuning with DiffusionGemma's objective.",
-    )
-    a = p.add_argument
-    a("--model", help="Model folder or hub repo (a quantized model means QLoRA).")
-    a("--train", action="store_true", default=None, help="Do training.")
-    a("--data", help="Folder with train/valid/test.jsonl (chat, completions or text).")
-    a("--fine-tune-type", choices=["lora", "dora", "full"], help="lora (default), dora or full.")
-    a("--num-layers", type=int, help="Layers to fine-tune, from the last; -1 for all [16].")
-    a("--batch-size", type=int, help="Minibatch size [4].")
-    a("--iters", type=int, help="Iterations to train for [1000].")
-    a("--val-batches", type=int, help="Validation batches, -1 for the whole set [25].")
-    a("--learning-rate", type=float, help="Peak Adam learning rate [1.5e-4].")
-    a("--steps-per-report", type=int, help="Steps between loss reports [10].")
-    a("--steps-per-eval", type=int, help="Steps between validations [200].")
-    a("--grad-accumulation-steps", type=int, help="Steps accumulated per update [1].")
-    a("--resume-adapter-file", help="Start from these fine-tuned weights.")
-    a("--adapter-path", help="Save/load folder of the fine-tuned weights [adapters].")
-    a("--save-every", type=int, help="Save every N iterations [100].")
-    a("--test", action="store_true", default=None, help="Evaluate on test.jsonl.")
-    a("--test-batches", type=int, help="Test batches, -1 for the whole set [500].")
-    a("--max-seq-length", type=int, help="Longest prompt + answer canvases [2048].")
-    a("-c", "--config", help="YAML file with these options (and lora_parameters).")
-    a("--grad-checkpoint", action="store_true", default=None, help="Recompute layers in backward.")
-    a("--seed", type=int, help="PRNG seed (batches, noise, t, canvases, self-conditioning) [0].")
-    a(
-        "--self-conditioning-prob",
-        type=float,
-        help="Per-example self-conditioning probability [0.5].",
-    )
-    a("--encoder-loss-weight", type=float, help="Weight of the encoder's next-token loss [1.0].")
-    a("--t-eps", type=float, help="Noise levels t ~ U(t_eps, 1) [1e-4].")
-    a("--freeze-router", action="store_true", default=None, help="Do not train the MoE router.")
-    a("--init-config", help="config.json of a model to train from scratch (random init).")
-    return p
+# The flags, as mlx_lm.lora names them (and the objective's own): (flag, type, help);
+# "flag" is an on/off switch. Every default is None here, so --config can fill it.
+_FLAGS = [
+    ("--model", str, "Model folder or hub repo (a quantized model means QLoRA)."),
+    ("--train", "flag", "Do training."),
+    ("--data", str, "Folder with train/valid/test.jsonl (chat, completions or text)."),
+    ("--fine-tune-type", click.Choice(["lora", "dora", "full"]), "lora (default), dora or full."),
+    ("--num-layers", int, "Layers to fine-tune, from the last; -1 for all [16]."),
+    ("--batch-size", int, "Minibatch size [4]."),
+    ("--iters", int, "Iterations to train for [1000]."),
+    ("--val-batches", int, "Validation batches, -1 for the whole set [25]."),
+    ("--learning-rate", float, "Peak Adam learning rate [1.5e-4]."),
+    ("--steps-per-report", int, "Steps between loss reports [10]."),
+    ("--steps-per-eval", int, "Steps between validations [200]."),
+    ("--grad-accumulation-steps", int, "Steps accumulated per update [1]."),
+    ("--resume-adapter-file", str, "Start from these fine-tuned weights."),
+    ("--adapter-path", str, "Save/load folder of the fine-tuned weights [adapters]."),
+    ("--save-every", int, "Save every N iterations [100]."),
+    ("--test", "flag", "Evaluate on test.jsonl."),
+    ("--test-batches", int, "Test batches, -1 for the whole set [500]."),
+    ("--max-seq-length", int, "Longest prompt + answer canvases [2048]."),
+    ("--config", str, "YAML file with these options (and lora_parameters)."),
+    ("--grad-checkpoint", "flag", "Recompute layers in backward."),
+    ("--seed", int, "PRNG seed (batches, noise, t, canvases, self-conditioning) [0]."),
+    ("--self-conditioning-prob", float, "Per-example self-conditioning probability [0.5]."),
+    ("--encoder-loss-weight", float, "Weight of the encoder's next-token loss [1.0]."),
+    ("--t-eps", float, "Noise levels t ~ U(t_eps, 1) [1e-4]."),
+    ("--freeze-router", "flag", "Do not train the MoE router."),
+    ("--init-config", str, "config.json of a model to train from scratch (random init)."),
+]
 
 
-def parse_args(argv=None) -> types.SimpleNamespace:
+def flag_options(flags):
+    """Click options for (flag, type, help) rows, every default None."""
+
+    def add(command):
+        for flag, kind, text in reversed(flags):
+            decls = ("-c", flag) if flag == "--config" else (flag,)
+            if kind == "flag":
+                command = click.option(*decls, is_flag=True, default=None, help=text)(command)
+            else:
+                command = click.option(*decls, type=kind, default=None, help=text)(command)
+        return command
+
+    return add
+
+
+def merge_config(params: dict, defaults: dict) -> types.SimpleNamespace:
     """Flags > --config YAML > defaults, as mlx_lm.lora."""
-    args = vars(build_parser().parse_args(argv))
-    if args["config"]:
+    args = dict(params)
+    if args.get("config"):
         with open(args["config"]) as f:
             for k, v in (yaml.safe_load(f) or {}).items():
-                if k not in CONFIG_DEFAULTS:
+                if k not in defaults:
                     raise ValueError(f"Unknown key {k!r} in --config {args['config']}.")
                 if args.get(k) is None:
                     args[k] = v
-    for k, v in CONFIG_DEFAULTS.items():
+    for k, v in defaults.items():
         if args.get(k) is None:
             args[k] = v
-    lp = {**CONFIG_DEFAULTS["lora_parameters"], **(args["lora_parameters"] or {})}
-    args["lora_parameters"] = lp
+    if "lora_parameters" in defaults:
+        args["lora_parameters"] = {**defaults["lora_parameters"], **(args["lora_parameters"] or {})}
     return types.SimpleNamespace(**args)
 
 
@@ -131,7 +139,7 @@ def load_base(args):
         raise ValueError("--init-config trains from scratch: use --fine-tune-type full.")
     path = get_model_path(args.model)
     model = init_model(read_init_config(args.init_config), args.seed)
-    from .config import DiffusionConfig
+    from .diffusion.config import DiffusionConfig
 
     model.generation_config = DiffusionConfig.from_pretrained(path)
     return model, Tokenizer.from_pretrained(path)
@@ -232,19 +240,24 @@ def run(args) -> None:
         print(f"Test loss {loss:.4f}, test ppl {math.exp(min(loss, 50)):.3f} ({secs:.1f}s).")
 
 
-def main(argv=None) -> None:
-    """Entry point (the lead's `mlx_diffgemma lora` subcommand can call this)."""
+@click.command(name="lora", context_settings=CONTEXT_SETTINGS)
+@flag_options(_FLAGS)
+def lora_command(**params):
+    """Fine-tune with DiffusionGemma's objective (LoRA, DoRA or full).
+
+    mlx_lm.lora's flags; a quantized --model means QLoRA. Flags > --config YAML > defaults.
+    """
     try:
-        run(parse_args(argv))
+        run(merge_config(params, CONFIG_DEFAULTS))
     except (OSError, ValueError, KeyError, json.JSONDecodeError, yaml.YAMLError) as e:
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    except KeyboardInterrupt:  # as `mlx_diffgemma lora` ends: one line, status 130
+    except KeyboardInterrupt:  # as every command ends: one line, status 130
         sys.exit(interrupted_line())
 
 
-lora_command = passthrough_command(
-    "lora", main, "Fine-tune with DiffusionGemma's objective (LoRA, DoRA or full)."
-)
+def main(argv=None) -> None:
+    """`python -m mlx_diffgemma.lora ...`; returns when the run succeeds."""
+    run_command(lora_command, argv, "python -m mlx_diffgemma.lora")
 
 
 if __name__ == "__main__":

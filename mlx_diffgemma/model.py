@@ -19,7 +19,7 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 
 from .cache import SlidingWindowCache, cached_kv
 from .dense_experts import dense_experts, use_dense
-from .vision import make_vision
+from .vision.tower import make_vision
 
 _VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 _TOP_LEVEL_KEYS = (

@@ -1,13 +1,16 @@
 """What the commands share: the model and sampler options, one-line errors, Ctrl-C.
 
-Unset sampler flags stay None, so the precedence of `config.py` applies
+Unset sampler flags stay None, so the precedence of `diffusion/config.py` applies
 (flag > generation_config.json > transformers' defaults).
 """
 
+import dataclasses
 import sys
 from typing import Dict, Optional
 
 import click
+
+from .diffusion.config import COMMIT_RULES, FAST_SETTINGS, FastSettings
 
 # 4-bit mixed build (15.4 GB): fits a 24 GB Mac.
 # The bf16 original is google/diffusiongemma-26B-A4B-it.
@@ -17,7 +20,7 @@ MAX_SEED = 2**32 - 1
 # A shell's exit status after SIGINT.
 INTERRUPTED = 130
 
-# Sampler flag -> DiffusionConfig field.
+# Sampler flag -> DiffusionConfig field (fast mode's, from FastSettings' table, follow).
 SAMPLER_FLAGS = {
     "--steps": "max_denoising_steps",
     "--entropy-bound": "entropy_bound",
@@ -26,18 +29,7 @@ SAMPLER_FLAGS = {
     "--stability-threshold": "stability_threshold",
     "--confidence-threshold": "confidence_threshold",
     "--mode": "mode",
-    "--top-k": "top_k",
-    "--self-conditioning-top-k": "self_conditioning_top_k",
-    "--commit-rule": "commit_rule",
-    "--commit-threshold": "commit_threshold",
-    "--monotone-commit": "monotone_commit",
-    "--commit-argmax": "commit_argmax",
-    "--commit-stable": "commit_stable",
-    "--canvas-shrink": "canvas_shrink",
-    "--eos-tail-cut": "eos_tail_cut",
-    "--compact": "compact",
-    "--repair": "repair",
-    "--reopen": "reopen",
+    **{"--" + name.replace("_", "-"): name for name in FAST_SETTINGS},
 }
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
@@ -117,82 +109,30 @@ def sampler_options(command):
             "default to top-k 64, gathered self-conditioning, canvas shrink 64).  "
             "[default: exact]",
         ),
-        click.option(
-            "--top-k",
-            type=click.IntRange(min=0),
-            default=None,
-            help="Fast mode: sample from each position's k most likely tokens (0: all).",
-        ),
-        click.option(
-            "--self-conditioning-top-k",
-            type=click.IntRange(min=0),
-            default=None,
-            help="Fast mode: self-condition on the k most likely tokens' embeddings (0: all).",
-        ),
-        click.option(
-            "--commit-rule",
-            type=click.Choice(["entropy_bound", "confidence"]),
-            default=None,
-            help="Fast mode: accept by entropy bound, or max probability >= --commit-threshold.",
-        ),
-        click.option(
-            "--commit-threshold",
-            type=click.FloatRange(min=0, max=1, min_open=True),
-            default=None,
-            help="Fast mode: the confidence rule's threshold.  [default: 0.9]",
-        ),
-        click.option(
-            "--monotone-commit/--no-monotone-commit",
-            default=None,
-            help="Fast mode: accepted tokens stay fixed for the rest of the canvas.",
-        ),
-        click.option(
-            "--commit-argmax/--no-commit-argmax",
-            default=None,
-            help="Fast mode (with monotone commit): commit the argmax, not the sample.",
-        ),
-        click.option(
-            "--commit-stable/--no-commit-stable",
-            default=None,
-            help="Fast mode (with monotone commit): commit only tokens whose argmax did not "
-            "change since the previous step.",
-        ),
-        click.option(
-            "--canvas-shrink",
-            type=click.IntRange(min=0),
-            default=None,
-            help="Fast mode: a last canvas past --max-tokens has max(N, tokens left) "
-            "positions (0: off).",
-        ),
-        click.option(
-            "--eos-tail-cut/--no-eos-tail-cut",
-            default=None,
-            help="Fast mode (with monotone commit): positions after a committed EOS are "
-            "fixed at pad.",
-        ),
-        click.option(
-            "--compact/--no-compact",
-            default=None,
-            help="Fast mode (with monotone commit and both top-k): forward only the "
-            "undecided positions; decided ones keep their last K/V.",
-        ),
-        click.option(
-            "--repair",
-            type=click.IntRange(min=0),
-            default=None,
-            help="Fast mode: this many extra full forwards after a canvas stops; the last "
-            "one's argmax is the output (0: off).",
-        ),
-        click.option(
-            "--reopen/--no-reopen",
-            default=None,
-            help="Fast mode (with monotone commit and --repair): a repair pass reopens the "
-            "committed tokens it changes and denoising goes on.",
-        ),
     ]
+    options += [_fast_option(f) for f in dataclasses.fields(FastSettings)]
     for option in reversed(options):
         command = option(command)
     return command
+
+
+_FAST_TYPES = {
+    "count": click.IntRange(min=0),
+    "rule": click.Choice(COMMIT_RULES),
+    "probability": click.FloatRange(min=0, max=1, min_open=True),
+}
+
+
+def _fast_option(f: dataclasses.Field):
+    """The flag of one FastSettings field: its name, kind, help and needs from the table."""
+    flag = "--" + f.name.replace("_", "-")
+    needs = [n for names, _ in f.metadata["needs"] for n in names]
+    where = f" (with {' and '.join(n.replace('_', '-') for n in needs)})" if needs else ""
+    default = f.default if f.metadata["kind"] != "bool" else ("on" if f.default else "off")
+    text = f"Fast mode{where}: {f.metadata['help']}  [fast default: {default}]"
+    if f.metadata["kind"] == "bool":
+        return click.option(f"{flag}/--no-{flag[2:]}", default=None, help=text)
+    return click.option(flag, type=_FAST_TYPES[f.metadata["kind"]], default=None, help=text)
 
 
 def sampler_flags(params: Dict[str, Optional[float]]) -> Dict[str, Optional[float]]:
@@ -245,24 +185,11 @@ def interrupted(code: int = INTERRUPTED):
     raise click.exceptions.Exit(code)
 
 
-def passthrough_command(name: str, main, short_help: str) -> click.Command:
-    """A command that hands every argument (--help included) to `main(argv)`: for the
-    commands that keep mlx-lm's argparse flags (lora, fuse, serve)."""
-
-    @click.command(
-        name=name,
-        help=short_help,
-        context_settings={"ignore_unknown_options": True, "help_option_names": []},
-    )
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args):
-        sys.argv[0] = f"mlx_diffgemma {name}"  # the program name `--help` shows
-        main(list(args))
-
-    return command
-
-
-def prog_name(default: str) -> str:
-    """The program name for an argparse command: `mlx_diffgemma NAME` when run as a
-    subcommand (see `passthrough_command`), else `default` (`python -m ...`)."""
-    return sys.argv[0] if sys.argv and sys.argv[0].startswith("mlx_diffgemma ") else default
+def run_command(command: click.Command, argv, prog: str) -> None:
+    """Run a click command as `python -m` does (program name `prog`); return on success
+    (click's standalone mode exits with status 0), so Python callers may go on."""
+    try:
+        command.main(args=argv, prog_name=prog)
+    except SystemExit as e:
+        if e.code:
+            raise

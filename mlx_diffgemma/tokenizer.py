@@ -6,7 +6,7 @@ import secrets
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from .config import read_json
+from .diffusion.config import read_json
 
 # What the Gemma 4 chat template writes for an image part.
 IMAGE_PLACEHOLDER = "<|image|>"

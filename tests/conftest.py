@@ -12,6 +12,8 @@ from tokenizer_fixture import gemma4_spm_path
 from mlx_diffgemma.model import Model, ModelArgs
 
 EOS = [1, 106, 50]
+REAL_VOCAB = 262144  # the real tokenizer's: checkpoints that decode text need it
+SMALL_VOCAB = 4096  # token-level tests: every step's softmax 64x cheaper
 TINY_CONFIG = {
     "model_type": "diffusion_gemma",
     "architectures": ["DiffusionGemmaForBlockDiffusion"],
@@ -19,7 +21,7 @@ TINY_CONFIG = {
     "eos_token_id": EOS,
     "text_config": {
         "model_type": "diffusion_gemma_text",
-        "vocab_size": 262144,  # the real tokenizer's
+        "vocab_size": REAL_VOCAB,
         "hidden_size": 16,
         "intermediate_size": 32,
         "moe_intermediate_size": 8,
@@ -54,10 +56,15 @@ TINY_GENERATION_CONFIG = {
 }
 
 
-def random_tiny_model(seed: int = 0, canvas_length: int = 8) -> Model:
-    """Random weights; norms and scalars around 1."""
+def random_tiny_model(
+    seed: int = 0, canvas_length: int = 8, vocab_size: int = SMALL_VOCAB
+) -> Model:
+    """Random weights; norms and scalars around 1. The small vocabulary serves tests on
+    token ids; pass REAL_VOCAB for a model that decodes text with the real tokenizer."""
     mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict({**TINY_CONFIG, "canvas_length": canvas_length}))
+    text = {**TINY_CONFIG["text_config"], "vocab_size": vocab_size}
+    config = {**TINY_CONFIG, "canvas_length": canvas_length, "text_config": text}
+    model = Model(ModelArgs.from_dict(config))
     model.load_weights(
         [
             (k, mx.random.normal(v.shape) * 0.5 + (1.0 if "norm" in k or "scal" in k else 0.0))
@@ -71,7 +78,9 @@ def save_checkpoint(model: Model, path: Path) -> Path:
     """An MLX folder as `convert` writes it, plus the SentencePiece tokenizer."""
     path.mkdir(parents=True)
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (path / "config.json").write_text(json.dumps(TINY_CONFIG, indent=2))
+    text = {**TINY_CONFIG["text_config"], "vocab_size": model.args.vocab_size}
+    config = {**TINY_CONFIG, "text_config": text}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps(TINY_GENERATION_CONFIG, indent=2))
     shutil.copyfile(gemma4_spm_path(), path / "tokenizer.model")
     return path
@@ -80,7 +89,8 @@ def save_checkpoint(model: Model, path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random tiny DiffusionGemma: it babbles and never emits EOS."""
-    return save_checkpoint(random_tiny_model(), tmp_path_factory.mktemp("tiny") / "random")
+    model = random_tiny_model(vocab_size=REAL_VOCAB)
+    return save_checkpoint(model, tmp_path_factory.mktemp("tiny") / "random")
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +101,7 @@ def tiny_eos_checkpoint(tmp_path_factory) -> Path:
     residual stream; row 106 gets a larger one, and the final norm keeps only that
     dimension, so the tied LM head ranks 106 first.
     """
-    model = random_tiny_model()
+    model = random_tiny_model(vocab_size=REAL_VOCAB)
     embed = model.model.decoder.embed_tokens.weight
     embed[:, 0] = 3.0
     embed[106, 0] = 10.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
-from conftest import random_tiny_model, save_checkpoint
+from conftest import REAL_VOCAB, random_tiny_model, save_checkpoint
 from mlx.utils import tree_flatten
 
 import mlx_diffgemma.cli as cli_module
@@ -62,7 +62,7 @@ def damaged(tiny_checkpoint, tmp_path):
 
 def test_bf16_experts_are_cast_to_float32_on_cpu(tmp_path):
     assert mx.default_device().type == mx.DeviceType.cpu  # the case of this test
-    model = random_tiny_model()
+    model = random_tiny_model(vocab_size=REAL_VOCAB)
     model.load_weights([(k, v.astype(mx.bfloat16)) for k, v in tree_flatten(model.parameters())])
     folder = save_checkpoint(model, tmp_path / "bf16")
     result = generate_on(folder, "--max-tokens", "4")
@@ -114,7 +114,7 @@ def test_corrupt_tokenizer_json(damaged):
 
 def test_missing_shard(tiny, tmp_path):
     params = dict(tree_flatten(tiny[0].parameters()))
-    folder = save_checkpoint(random_tiny_model(), tmp_path / "sharded")
+    folder = save_checkpoint(random_tiny_model(vocab_size=REAL_VOCAB), tmp_path / "sharded")
     (folder / "model.safetensors").unlink()
     keys = sorted(params)
     names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]

@@ -323,7 +323,7 @@ def test_group_has_generate_and_convert(tiny_checkpoint, tiny):
 @pytest.mark.slow
 def test_entry_points_print_no_warning():
     # runpy warns when the package has imported the module it runs; it must not have.
-    for module in ["mlx_diffgemma", "mlx_diffgemma.generate", "mlx_diffgemma.infill"]:
+    for module in ["mlx_diffgemma", "mlx_diffgemma.generate", "mlx_diffgemma.tasks.infill"]:
         result = subprocess.run(
             [sys.executable, "-W", "default", "-m", module, "--help"],
             capture_output=True,
@@ -341,11 +341,11 @@ def test_the_package_imports_lazily():
         "import sys, warnings, mlx_diffgemma\n"
         "assert not any(m.startswith(('mlx.', 'mlx_diffgemma.')) for m in sys.modules)\n"
         "assert not [f for f in warnings.filters if 'mlx_diffgemma' in str(f[1])]\n"
-        "import mlx_diffgemma.generate, mlx_diffgemma.infill\n"
+        "import mlx_diffgemma.generate, mlx_diffgemma.tasks.infill\n"
         "from mlx_diffgemma import generate, infill\n"
         "assert callable(generate) and callable(infill)\n"
         "assert generate.__module__ == 'mlx_diffgemma.generate'\n"
-        "assert infill.__module__ == 'mlx_diffgemma.infill'\n"
+        "assert infill.__module__ == 'mlx_diffgemma.tasks.infill'\n"
         "assert sorted(mlx_diffgemma.__all__) == sorted(set(dir(mlx_diffgemma)) & set(mlx_diffgemma.__all__))\n"
     )
     result = subprocess.run(

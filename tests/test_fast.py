@@ -5,11 +5,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import random_tiny_model
 
-from mlx_diffgemma import sampler as S
-from mlx_diffgemma import topk as T
-from mlx_diffgemma.block_diffusion import Block, DenoiseStep, _Loop, bucket, generate_step, prefill
-from mlx_diffgemma.canvas import CanvasLayout
-from mlx_diffgemma.config import DiffusionConfig
+from mlx_diffgemma.diffusion import sampler as S
+from mlx_diffgemma.diffusion import topk as T
+from mlx_diffgemma.diffusion.canvas import CanvasLayout
+from mlx_diffgemma.diffusion.config import DiffusionConfig
+from mlx_diffgemma.diffusion.fast import bucket
+from mlx_diffgemma.diffusion.steps import Block, DenoiseStep, generate_step, make_loop, prefill
 from mlx_diffgemma.generate import generate, generate_command, resolve_config
 
 
@@ -27,22 +28,23 @@ from mlx_diffgemma.generate import generate, generate_command, resolve_config
 )
 def test_mode_and_settings_are_validated(kw, message):
     with pytest.raises(ValueError) as e:
-        DiffusionConfig(**kw)
+        DiffusionConfig().replace(**kw)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_mode_fills_the_settings_not_given(tiny):
     model = tiny[0]
     exact = resolve_config(model)
-    assert (exact.mode, exact.top_k, exact.monotone_commit) == ("exact", 0, False)
-    fast = resolve_config(model, mode="fast", top_k=8)
+    assert (exact.mode, exact.fast) == ("exact", None)
+    fast_config = resolve_config(model, mode="fast", top_k=8)
+    fast = fast_config.fast
     assert (fast.top_k, fast.self_conditioning_top_k, fast.canvas_shrink) == (8, 64, 64)
     # Monotone commit and what builds on it cost accuracy: opt-in (benchmarks/README.md).
     assert not (fast.monotone_commit or fast.compact or fast.repair)
-    back = fast.replace(mode="exact")
+    back = fast_config.replace(mode="exact")
     assert back == exact
     # A checkpoint's own top_k (transformers' sampling option) never turns fast mode on.
-    assert DiffusionConfig.from_generation_config({"top_k": 64}).top_k == 0
+    assert DiffusionConfig.from_generation_config({"top_k": 64}).fast is None
 
 
 def test_cli_mode_flags(tiny_checkpoint):
@@ -117,13 +119,14 @@ def test_confidence_rule_accepts_confident_positions_and_at_least_one():
     fixed = mx.array([[False, False, False], [False, True, False]])
     assert rule(p, _state(fixed)).tolist()[1] == [True, False, False]
     assert isinstance(
-        S.make_accept(DiffusionConfig(mode="fast", commit_rule="confidence")), S.ConfidenceThreshold
+        S.make_accept(DiffusionConfig().replace(mode="fast", commit_rule="confidence")),
+        S.ConfidenceThreshold,
     )
 
 
 def test_monotone_commit_never_revises_an_accepted_token():
     model = random_tiny_model()
-    cfg = DiffusionConfig(
+    cfg = DiffusionConfig().replace(
         max_new_tokens=8,
         max_denoising_steps=10,
         mode="fast",
@@ -182,7 +185,9 @@ def test_fast_mode_end_to_end(tiny):
 
 def test_canvas_shrink_cuts_the_last_canvas_to_the_tokens_left():
     model = random_tiny_model()
-    cfg = DiffusionConfig(max_new_tokens=11, max_denoising_steps=2, mode="fast", canvas_shrink=2)
+    cfg = DiffusionConfig().replace(
+        max_new_tokens=11, max_denoising_steps=2, mode="fast", canvas_shrink=2
+    )
     blocks = generate_step(mx.array([[2, 9]]), model, config=cfg, key=mx.random.key(0))
     assert [b.tokens.shape[1] for b in blocks] == [8, 3]
     blocks = generate_step(
@@ -209,14 +214,14 @@ def test_eos_tail_cut_fixes_pad_after_a_committed_eos():
     assert out.fixed_ids.tolist()[0] == [5, 1, 0, 0] and out.argmax.tolist()[0] == [5, 1, 0, 0]
     assert out.done.tolist() == [True, False, True]
     with pytest.raises(ValueError, match="eos_tail_cut=True needs monotone_commit=True"):
-        DiffusionConfig(mode="fast", monotone_commit=False, eos_tail_cut=True)
+        DiffusionConfig().replace(mode="fast", monotone_commit=False, eos_tail_cut=True)
     with pytest.raises(ValueError, match="eos_tail_cut=True is a fast-mode approximation"):
-        DiffusionConfig(eos_tail_cut=True)
+        DiffusionConfig().replace(eos_tail_cut=True)
 
 
 def test_eos_tail_cut_end_to_end(tiny_checkpoint):
     model = random_tiny_model()
-    cfg = DiffusionConfig(
+    cfg = DiffusionConfig().replace(
         max_new_tokens=8,
         max_denoising_steps=6,
         mode="fast",
@@ -274,12 +279,12 @@ def test_commit_argmax_and_commit_stable_choose_what_is_committed():
     stable = S.commit(state, accepted, use_argmax=True, previous=mx.array([[1, 2, 3, 8]]))
     assert stable.fixed.tolist() == [[True, False, True, False]]
     with pytest.raises(ValueError, match="commit_stable=True needs monotone_commit=True"):
-        DiffusionConfig(mode="fast", monotone_commit=False, commit_stable=True)
+        DiffusionConfig().replace(mode="fast", monotone_commit=False, commit_stable=True)
 
 
 def test_commit_stable_commits_nothing_at_the_first_step():
     model = random_tiny_model()
-    cfg = DiffusionConfig(
+    cfg = DiffusionConfig().replace(
         max_new_tokens=8,
         max_denoising_steps=4,
         mode="fast",
@@ -347,7 +352,7 @@ def test_buckets_bound_the_shapes():
 
 def _monotone(**kw) -> DiffusionConfig:
     """Fast mode with monotone commit and top-k 8 (both top-k settings), plus `kw`."""
-    return DiffusionConfig(mode="fast", top_k=8, monotone_commit=True, **kw)
+    return DiffusionConfig().replace(mode="fast", top_k=8, monotone_commit=True, **kw)
 
 
 def _blocks(model, config, prompt, seed=0):
@@ -378,17 +383,17 @@ def test_compaction_forwards_only_live_positions_in_bucket_shapes():
     assert 2 <= compact[-1].forward_shapes <= 3
     assert [b.tokens.shape for b in compact] == [(1, 40)] * 2
     with pytest.raises(ValueError, match="compact=True needs top_k > 0 and self_conditioning"):
-        DiffusionConfig(mode="fast", monotone_commit=True, compact=True, top_k=0)
+        DiffusionConfig().replace(mode="fast", monotone_commit=True, compact=True, top_k=0)
     with pytest.raises(ValueError, match="compact=True needs monotone_commit=True"):
-        DiffusionConfig(mode="fast", compact=True)
+        DiffusionConfig().replace(mode="fast", compact=True)
 
 
 def test_repair_is_one_more_forward_whose_argmax_is_the_draft():
     model = random_tiny_model()
-    cfg = DiffusionConfig(max_new_tokens=8, max_denoising_steps=3, mode="fast", repair=1)
+    cfg = DiffusionConfig().replace(max_new_tokens=8, max_denoising_steps=3, mode="fast", repair=1)
     C, V, H = model.args.canvas_length, model.args.vocab_size, model.args.hidden_size
     cache = _encoded(model)
-    loop = _Loop(model, cfg, S.RandomDraws(mx.random.key(0), V), S.make_accept(cfg), 1)
+    loop = make_loop(model, cfg, S.RandomDraws(mx.random.key(0), V), S.make_accept(cfg), 1)
     layout = CanvasLayout(ids=(0, 0, 77), fixed=(False, False, True))
     plan = layout.plan(0, C)
     draft = mx.random.randint(0, V, (1, C), key=mx.random.key(3))
@@ -426,7 +431,7 @@ def test_reopen_reopens_what_a_repair_pass_changes_and_goes_on():
         max_new_tokens=8, max_denoising_steps=12, repair=3, reopen=True, entropy_bound=50.0
     )
     cache = _encoded(model)
-    loop = _Loop(model, cfg, S.RandomDraws(mx.random.key(0), V), S.make_accept(cfg), 1)
+    loop = make_loop(model, cfg, S.RandomDraws(mx.random.key(0), V), S.make_accept(cfg), 1)
     plan = CanvasLayout(ids=(0, 0, 77), fixed=(False, False, True)).plan(0, C)
     draft = mx.random.randint(0, V, (1, C), key=mx.random.key(3))
     cond = mx.random.normal((1, C, model.args.hidden_size), key=mx.random.key(4))
@@ -448,9 +453,9 @@ def test_reopen_reopens_what_a_repair_pass_changes_and_goes_on():
     steps, forwards = reopened_blocks[0].steps, reopened_blocks[0].decoder_forwards.item()
     assert steps >= 2 and steps + 1 <= forwards <= steps + 3
     with pytest.raises(ValueError, match="reopen=True needs repair >= 1"):
-        DiffusionConfig(mode="fast", monotone_commit=True, reopen=True)
+        DiffusionConfig().replace(mode="fast", monotone_commit=True, reopen=True)
     with pytest.raises(ValueError, match="reopen=True needs monotone_commit=True"):
-        DiffusionConfig(mode="fast", repair=1, reopen=True)
+        DiffusionConfig().replace(mode="fast", repair=1, reopen=True)
 
 
 def test_compaction_and_repair_keep_a_layouts_clamps_and_token_classes():

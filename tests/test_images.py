@@ -17,10 +17,15 @@ from tokenizer_fixture import gemma4_spm_path
 
 from mlx_diffgemma import PromptCache, load, stream_generate
 from mlx_diffgemma.cache import cached_kv
-from mlx_diffgemma.image_processing import preprocess_image
-from mlx_diffgemma.images import PromptImages, chunk_bounds, expand_placeholders, user_message
 from mlx_diffgemma.model import Model, ModelArgs
 from mlx_diffgemma.tokenizer import Tokenizer
+from mlx_diffgemma.vision.processing import preprocess_image
+from mlx_diffgemma.vision.prompt import (
+    PromptImages,
+    chunk_bounds,
+    expand_placeholders,
+    user_message,
+)
 
 IMAGE, BOI, EOI = 258880, 255999, 258882
 
@@ -233,7 +238,7 @@ def test_quantized_tower_runs_close_to_float():
     """The uniform recipe quantizes the tower where groups divide (8-bit here)."""
     import mlx.nn as nn
 
-    from mlx_diffgemma.vision import make_vision
+    from mlx_diffgemma.vision.tower import make_vision
 
     config = {**VISION_CONFIG, "hidden_size": 64, "intermediate_size": 128, "head_dim": 32,
               "patch_size": 8}  # fmt: skip
@@ -255,7 +260,7 @@ def test_quantized_tower_runs_close_to_float():
 
 
 def test_attention_query_blocks_change_nothing(vtiny, monkeypatch):
-    import mlx_diffgemma.vision as vision
+    import mlx_diffgemma.vision.tower as vision
 
     model, _ = vtiny
     image = PromptImages([preprocess_image(picture(), 280, 4, 3)])

@@ -16,10 +16,10 @@ from mlx_diffgemma import (
     stream_generate,
     stream_infill,
 )
-from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step
 from mlx_diffgemma.cli import cli
-from mlx_diffgemma.infill import Hole
+from mlx_diffgemma.diffusion.steps import Block, DenoiseStep, generate_step
 from mlx_diffgemma.model import Model
+from mlx_diffgemma.tasks.infill import Hole
 
 CODE = "def add(a, b):\n[[hole:6]]\n\nprint(add(1, 2))"
 

@@ -116,7 +116,16 @@ def test_imports_point_down():
     assert layering_problems(PACKAGE) == []
     order = [m for layer in layers(import_graph(PACKAGE)) for m in layer]
     # Sanity of the derivation itself: the known chain sits in this order.
-    chain = ["config", "model", "loader", "generate", "infill", "cli", "__main__"]
+    chain = [
+        "diffusion.config",
+        "model",
+        "loader",
+        "generate",
+        "tasks.infill",
+        "infill",
+        "cli",
+        "__main__",
+    ]
     assert sorted(chain, key=order.index) == chain
 
 
@@ -125,8 +134,21 @@ def test_a_bad_import_is_caught(tmp_path):
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert layering_problems(copy) == []
     # A function-level import of the CLI, and one from a layer above (a cycle).
-    with open(copy / "sampler.py", "a") as f:
-        f.write("\n\ndef _bad():\n    from .cli import main\n    from .generate import generate\n")
+    with open(copy / "diffusion" / "sampler.py", "a") as f:
+        f.write(
+            "\n\ndef _bad():\n    from ..cli import main\n    from ..generate import generate\n"
+        )
     problems = layering_problems(copy)
-    assert "sampler imports cli" in problems
-    assert any(p.startswith("import cycle among") and "'sampler'" in p for p in problems)
+    assert "diffusion.sampler imports cli" in problems
+    assert any(p.startswith("import cycle among") and "'diffusion.sampler'" in p for p in problems)
+
+
+def test_the_exact_loop_knows_nothing_of_fast_mode():
+    graph = import_graph(PACKAGE)
+    assert graph["diffusion.loop"] == {
+        "diffusion.sampler",
+        "diffusion.canvas",
+        "diffusion.config",
+        "diffusion.lanes",
+    }
+    assert "diffusion.loop" in graph["diffusion.fast"]

@@ -134,7 +134,7 @@ def test_infill_too_long_names_the_holes(tiny_checkpoint):
 @pytest.mark.parametrize("name", ["serve", "lora", "fuse"])
 def test_subcommand_help_shows_its_own_program_name(name):
     p = run(ENTRY["command"](name) + ["--help"])
-    assert p.returncode == 0 and p.stdout.decode().startswith(f"usage: mlx_diffgemma {name} ")
+    assert p.returncode == 0 and p.stdout.decode().startswith(f"Usage: mlx_diffgemma {name} ")
 
 
 def test_convert_interrupted_after_saving_says_it_is_complete(tmp_path, monkeypatch):

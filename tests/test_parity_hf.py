@@ -13,8 +13,8 @@ import mlx.core as mx  # noqa: E402
 from hf_reference import HFDenoiser, build_hf_checkpoint, load_hf, run_scenario, scenario_prompt  # noqa: E402
 
 from mlx_diffgemma import load_model  # noqa: E402
-from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step  # noqa: E402
 from mlx_diffgemma.cache import SlidingWindowCache  # noqa: E402
+from mlx_diffgemma.diffusion.steps import Block, DenoiseStep, generate_step  # noqa: E402
 
 # Against transformers (the torch oracle): the full suite only (README: two tiers).
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from mlx_diffgemma import CanvasLayout
-from mlx_diffgemma import sampler as S
-from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step
-from mlx_diffgemma.config import DiffusionConfig
+from mlx_diffgemma.diffusion import sampler as S
+from mlx_diffgemma.diffusion.config import DiffusionConfig
+from mlx_diffgemma.diffusion.steps import Block, DenoiseStep, generate_step
 
 
 def test_entropy_bound_accepts_lowest_entropy_prefix():

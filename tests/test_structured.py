@@ -17,10 +17,10 @@ from mlx_diffgemma import (
     validate_json,
     validate_table,
 )
-from mlx_diffgemma import sampler as S
-from mlx_diffgemma.block_diffusion import Block, DenoiseStep, generate_step
-from mlx_diffgemma.config import DiffusionConfig
-from mlx_diffgemma.structured import token_class
+from mlx_diffgemma.diffusion import sampler as S
+from mlx_diffgemma.diffusion.config import DiffusionConfig
+from mlx_diffgemma.diffusion.steps import Block, DenoiseStep, generate_step
+from mlx_diffgemma.tasks.structured import token_class
 
 SPEC = {
     "name": "string:6",

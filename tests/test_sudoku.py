@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlx_diffgemma import stream_generate
-from mlx_diffgemma import sudoku as S
+from mlx_diffgemma.tasks import sudoku as S
 
 REPO = Path(__file__).resolve().parents[1]
 PUZZLE, SOLUTION = S.PUZZLES[0]  # 45 givens, 36 empty cells
@@ -215,7 +215,7 @@ def test_harness_runs_end_to_end(tiny_checkpoint, tmp_path, capsys):
 def test_readme_sudoku_table_command_matches_its_puzzles():
     """docs/FINE_TUNING.md's table is of the first 100 puzzles of test.csv: its command says
     --limit 100, and those puzzles have the hardness mix the table states."""
-    from mlx_diffgemma.sudoku import hardness, load_puzzles
+    from mlx_diffgemma.tasks.sudoku import hardness, load_puzzles
 
     repo = Path(__file__).resolve().parents[1]
     readme = (repo / "docs" / "FINE_TUNING.md").read_text()

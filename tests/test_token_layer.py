@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from mlx_diffgemma import CanvasLayout, PromptCache, stream_generate
-from mlx_diffgemma import sampler as S
-from mlx_diffgemma.block_diffusion import Block, DenoiseStep, _compiled_update, generate_step
-from mlx_diffgemma.canvas import CanvasPlan
-from mlx_diffgemma.config import DiffusionConfig
+from mlx_diffgemma.diffusion import sampler as S
+from mlx_diffgemma.diffusion.canvas import CanvasPlan
+from mlx_diffgemma.diffusion.config import DiffusionConfig
+from mlx_diffgemma.diffusion.loop import compiled_update
+from mlx_diffgemma.diffusion.steps import Block, DenoiseStep, generate_step
 
 # --- layouts and plans --------------------------------------------------------------------
 
@@ -124,7 +125,7 @@ def test_a_custom_accept_rule_decides_what_survives():
 def test_equal_entropy_bound_rules_share_one_compiled_step():
     rule = S.make_accept(DiffusionConfig(entropy_bound=0.25))
     assert rule == S.EntropyBound(0.25)
-    assert _compiled_update(rule, 0.005) is _compiled_update(S.EntropyBound(0.25), 0.005)
+    assert compiled_update(rule, 0.005) is compiled_update(S.EntropyBound(0.25), 0.005)
 
 
 # --- EOS from the token layer -------------------------------------------------------------
@@ -221,22 +222,20 @@ def test_layout_ids_outside_the_vocabulary_are_refused(tiny):
 
 
 def test_a_large_batch_denoises_split_over_cpu_lanes_with_the_same_logits(tiny):
-    from mlx_diffgemma.block_diffusion import _Loop, generation_stream, prefill
+    from mlx_diffgemma.diffusion.lanes import split_denoise
+    from mlx_diffgemma.diffusion.steps import generation_stream, prefill
 
     model, _ = tiny
     B, C, V = 6, model.args.canvas_length, model.args.vocab_size
     cache = model.make_cache()
     prefill(model, mx.random.randint(0, V, (B, 9), key=mx.random.key(0)), cache)
-    cfg = DiffusionConfig(max_new_tokens=8)
-    loop = _Loop(model, cfg, S.RandomDraws(mx.random.key(1), V), S.make_accept(cfg), B)
     with mx.stream(mx.cpu):  # two lanes, whatever this machine's core count
-        loop.lanes = [generation_stream(), mx.new_stream(mx.cpu)]
+        lanes = [generation_stream(), mx.new_stream(mx.cpu)]
     canvas = mx.random.randint(0, V, (B, C), key=mx.random.key(2))
     probs = mx.softmax(mx.random.normal((B, C, V), key=mx.random.key(3)), axis=-1)
-    split = loop.denoise(canvas, cache, self_conditioning_probs=probs)
+    split = split_denoise(model, canvas, cache, lanes, self_conditioning_probs=probs)
     whole = model.denoise(canvas, cache, self_conditioning_probs=probs, apply_softcap=False)
     assert split.shape == whole.shape and mx.allclose(split, whole, atol=1e-4).item()
     # Fewer than two rows per lane: one pass (nothing to split).
-    loop.lanes = loop.lanes * 2
-    one = loop.denoise(canvas, cache, self_conditioning_probs=probs)
+    one = split_denoise(model, canvas, cache, lanes * 2, self_conditioning_probs=probs)
     assert mx.array_equal(one, whole).item()

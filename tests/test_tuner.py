@@ -316,7 +316,7 @@ def test_from_scratch_cli_and_fuse(tok_dir, tmp_path):
 
 
 def test_sudoku_6x6_layout_and_ar_baseline(tokenizer):
-    from mlx_diffgemma import sudoku as S
+    from mlx_diffgemma.tasks import sudoku as S
     from mlx_diffgemma.tuner.ar import ar_generate
 
     puzzle = "460200500004120306340520604102013065"
@@ -363,7 +363,7 @@ def test_dense_experts_chosen_for_wide_few_experts_on_cpu():
 def test_shipped_sudoku_toy_solves_offline():
     from pathlib import Path
 
-    from mlx_diffgemma import sudoku as S
+    from mlx_diffgemma.tasks import sudoku as S
 
     folder = Path(__file__).resolve().parents[1] / "examples" / "sudoku_toy"
     model, tokenizer = load(folder)

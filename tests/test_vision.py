@@ -30,11 +30,11 @@ from transformers.models.gemma4 import image_processing_pil_gemma4 as hf_proc  #
 
 from mlx_diffgemma import load_model  # noqa: E402
 from mlx_diffgemma.cache import SlidingWindowCache  # noqa: E402
-from mlx_diffgemma.image_processing import (  # noqa: E402
+from mlx_diffgemma.vision.processing import (  # noqa: E402
     aspect_ratio_preserving_size,
     preprocess_image,
 )
-from mlx_diffgemma.images import PromptImages  # noqa: E402
+from mlx_diffgemma.vision.prompt import PromptImages  # noqa: E402
 
 TOL = 1e-3  # logits, as tests/test_parity_hf.py
 KV_TOL = 1e-4

@@ -6,7 +6,6 @@ run by the one `Worker`, and written in its API's format. Errors are JSON in the
 API style, 404 and 405 included; the server keeps serving.
 """
 
-import argparse
 import asyncio
 import inspect
 import logging
@@ -14,10 +13,13 @@ import os
 import signal
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from ..options import passthrough_command, prog_name
+import click
+
+from ..options import CONTEXT_SETTINGS, run_command
 from . import limits
 from .errors import api_of, error_body
 from .formats import AnthropicMessages, OpenAIChat, OpenAICompletion, sse
@@ -218,76 +220,48 @@ def create_app(
     return app
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog_name("python -m mlx_diffgemma.server"),
-        description="OpenAI- and Anthropic-compatible HTTP server for DiffusionGemma.",
-    )
-    p.add_argument("--model", required=True, help="Local checkpoint folder or hub repo id.")
-    p.add_argument("--adapter-path", default=None, help="LoRA adapter folder (from the tuner).")
-    p.add_argument("--host", default="127.0.0.1", help="Address to bind [default: 127.0.0.1].")
-    p.add_argument("--port", type=int, default=8080, help="Port [default: 8080].")
-    p.add_argument(
-        "--served-model-name",
-        default=None,
-        help="The model id replies and /v1/models give [default: the folder or repo name].",
-    )
-    p.add_argument(
-        "--queue-size",
-        type=int,
-        default=8,
-        help="Requests that may wait besides the running one; more get 503 [default: 8].",
-    )
-    p.add_argument(
-        "--prompt-cache-size",
-        type=int,
-        default=4,
-        help="Prompt caches kept for reuse across requests [default: 4].",
-    )
-    _limit_flags(p)
-    p.add_argument(
-        "--docs", action="store_true", help="Serve /docs, /redoc and /openapi.json [off]."
-    )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return p
-
-
 # The HTTP limits' flags: (flag, type, default, help); the defaults live in limits.py.
 _LIMIT_FLAGS = [
     (
         "--request-timeout",
-        float,
+        click.FloatRange(min=0),
         limits.REQUEST_TIMEOUT_S,
         "Seconds a request may take, queue included; its work stops at the next denoising "
-        "step after it (0: no limit)",
+        "step after it (0: no limit).",
     ),
-    ("--max-body-bytes", int, limits.MAX_BODY_BYTES, "Largest request body; larger get 413"),
+    (
+        "--max-body-bytes",
+        click.IntRange(min=1),
+        limits.MAX_BODY_BYTES,
+        "Largest request body; larger get 413.",
+    ),
     (
         "--header-timeout",
-        float,
+        click.FloatRange(min=0),
         limits.HEADER_TIMEOUT_S,
-        "Seconds a connection may take to send a request head before it is closed",
+        "Seconds a connection may take to send a request head before it is closed.",
     ),
     (
         "--body-timeout",
-        float,
+        click.FloatRange(min=0),
         limits.BODY_TIMEOUT_S,
-        "Seconds a request body may take once its head has arrived (408 after it)",
+        "Seconds a request body may take once its head has arrived (408 after it).",
     ),
-    ("--max-connections", int, limits.MAX_CONNECTIONS, "Open connections at most; more are closed"),
+    (
+        "--max-connections",
+        click.IntRange(min=1),
+        limits.MAX_CONNECTIONS,
+        "Open connections at most; more are closed.",
+    ),
 ]
 
 
-def _limit_flags(p: argparse.ArgumentParser):
-    for flag, kind, default, text in _LIMIT_FLAGS:
-        shown = f"{default:g}" if kind is float else str(default)
-        p.add_argument(flag, type=kind, default=default, help=f"{text} [default: {shown}].")
-    p.add_argument(
-        "--allowed-hosts",
-        default="",
-        help="Comma-separated host names the Host header may also give, besides the bound "
-        "host, localhost, 127.0.0.1 and ::1 ('*': any; needed behind a proxy or a LAN name).",
-    )
+def _limit_options(command):
+    for flag, kind, default, text in reversed(_LIMIT_FLAGS):
+        command = click.option(flag, type=kind, default=default, show_default=True, help=text)(
+            command
+        )
+    return command
 
 
 def load_model(model: str, adapter_path: Optional[str]):
@@ -304,22 +278,48 @@ def load_model(model: str, adapter_path: Optional[str]):
     return load(model, adapter_path=adapter_path)
 
 
-def _check_args(args):
-    for name in ("queue_size", "max_body_bytes", "max_connections"):
-        if getattr(args, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            sys.exit(f"Error: {flag} must be at least 1 (got {getattr(args, name)}).")
-    for name in ("request_timeout", "header_timeout", "body_timeout"):
-        if not getattr(args, name) >= 0:
-            flag = "--" + name.replace("_", "-")
-            sys.exit(f"Error: {flag} must be >= 0 seconds (got {getattr(args, name)}).")
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    """`python -m mlx_diffgemma.server --model M [--adapter-path A] [--host H] [--port P]`."""
-    args = build_parser().parse_args(argv)
+@click.command(name="serve", context_settings=CONTEXT_SETTINGS)
+@click.option("--model", required=True, help="Local checkpoint folder or hub repo id.")
+@click.option("--adapter-path", default=None, help="LoRA adapter folder (from the tuner).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option(
+    "--served-model-name",
+    default=None,
+    help="The model id replies and /v1/models give [default: the folder or repo name].",
+)
+@click.option(
+    "--queue-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Requests that may wait besides the running one; more get 503.",
+)
+@click.option(
+    "--prompt-cache-size",
+    type=click.IntRange(min=0),
+    default=4,
+    show_default=True,
+    help="Prompt caches kept for reuse across requests.",
+)
+@_limit_options
+@click.option(
+    "--allowed-hosts",
+    default="",
+    help="Comma-separated host names the Host header may also give, besides the bound "
+    "host, localhost, 127.0.0.1 and ::1 ('*': any; needed behind a proxy or a LAN name).",
+)
+@click.option("--docs", is_flag=True, help="Serve /docs, /redoc and /openapi.json [off].")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+    default="INFO",
+    show_default=True,
+)
+def serve_command(**params):
+    """OpenAI- and Anthropic-compatible HTTP server for DiffusionGemma."""
+    args = types.SimpleNamespace(**params)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    _check_args(args)
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -383,6 +383,6 @@ def _run(app, args, uvicorn):
         os._exit(1)
 
 
-serve_command = passthrough_command(
-    "serve", main, "Serve the model over OpenAI- and Anthropic-compatible HTTP APIs."
-)
+def main(argv: Optional[List[str]] = None) -> None:
+    """`python -m mlx_diffgemma.server --model M [--adapter-path A] [--host H] [--port P]`."""
+    run_command(serve_command, argv, "python -m mlx_diffgemma.server")

@@ -15,7 +15,7 @@ from typing import Any, Dict
 from . import limits
 from .errors import RequestError
 
-# OpenAI's `detail` -> the model's soft tokens per image (images.py: 70 ... 1120).
+# OpenAI's `detail` -> the model's soft tokens per image (vision/prompt.py: 70 ... 1120).
 DETAIL_SOFT_TOKENS = {"low": 70, "auto": 280, "high": 1120}
 
 
@@ -52,7 +52,7 @@ def _check_pixels(raw: bytes, where: str, param: str):
 
 def openai_image(part: Dict[str, Any], where: str) -> Dict[str, Any]:
     """`{"type": "image_url", "image_url": {"url": "data:...", "detail": ...}}` -> an
-    image part of `images.py` (the file's bytes)."""
+    image part of `vision/prompt.py` (the file's bytes)."""
     spec = part.get("image_url")
     spec = {"url": spec} if isinstance(spec, str) else spec
     url = spec.get("url") if isinstance(spec, dict) else None
@@ -76,7 +76,7 @@ def openai_image(part: Dict[str, Any], where: str) -> Dict[str, Any]:
 
 def anthropic_image(block: Dict[str, Any], where: str) -> Dict[str, Any]:
     """`{"type": "image", "source": {"type": "base64", "media_type", "data"}}` -> an image
-    part of `images.py`."""
+    part of `vision/prompt.py`."""
     source = block.get("source")
     if not isinstance(source, dict) or source.get("type") != "base64":
         raise RequestError(

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..config import FAST_SETTINGS, MODES, DiffusionConfig
+from ..diffusion.config import FAST_SETTINGS, MODES, DiffusionConfig
 from ..tokenizer import check_text
 from . import images as images_of_request
 from . import limits
@@ -34,7 +34,7 @@ class Message:
     content: str = ""
     tool_calls: List[tuple] = field(default_factory=list)
     tool_call_id: Optional[str] = None
-    # Text and image parts in order (images.py's shape), when the message has images.
+    # Text and image parts in order (vision/prompt.py's shape), when the message has images.
     parts: Optional[List[Dict[str, Any]]] = None
 
 
@@ -55,7 +55,7 @@ class GenRequest:
     tools: List[Dict[str, Any]] = field(default_factory=list)
     tool_choice: str = "auto"
     # A tool the reply must call (tool_choice naming it): its input is generated in the
-    # frame of its parameters' schema, so it always validates (json_schema.py).
+    # frame of its parameters' schema, so it always validates (tasks/json_schema.py).
     forced_tool: Optional[str] = None
     schema: Optional[Dict[str, Any]] = None  # response_format: the JSON Schema to enforce
     json_object: bool = False
@@ -224,7 +224,7 @@ def _fast_settings(data: Dict[str, Any], mode: Optional[str]) -> Dict[str, Any]:
         if isinstance(v, int) and not isinstance(v, bool) and v > most:
             raise RequestError(f"'{name}' must be at most {most} (got {v}).", name)
     try:
-        DiffusionConfig(mode=mode or "exact", **given)
+        DiffusionConfig().replace(mode=mode or "exact", **given)
     except ValueError as e:
         param = next((n for n in given if str(e).startswith(n)), None)
         message = str(e).replace(" (CLI: --mode fast)", "").replace("mode='fast'", '"mode": "fast"')

@@ -11,11 +11,11 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List
 
-from ..config import FAST_SETTINGS
+from ..diffusion.config import FAST_SETTINGS
 from ..generate import PromptCache, resolve_config, stream_generate
-from ..infill import Hole, InfillTemplate, stream_infill
-from ..json_schema import JsonFrame, SchemaError, json_frame
-from ..structured import token_class
+from ..tasks.infill import Hole, InfillTemplate, stream_infill
+from ..tasks.json_schema import JsonFrame, SchemaError, json_frame
+from ..tasks.structured import token_class
 from .prompt import has_images, has_tools, plain_messages, tool_prompt_ids
 from .protocol import GREEDY_TEMPERATURE, GenRequest, RequestError
 from .textstream import TextStream, clean
@@ -264,7 +264,7 @@ def _drive_fill(events, template, budget, stream) -> Iterator[Event]:
                 continue
             ids += r.token_ids
             slots = ids[:budget]
-            # A pad or EOS id ends the fill (see infill.py); so does the hole's end.
+            # A pad or EOS id ends the fill (see tasks/infill.py); so does the hole's end.
             end = next((i for i, t in enumerate(slots) if t in template.fillers), None)
             done = end is not None or len(ids) >= budget
             text = template.tokenizer.decode(slots[:end])
@@ -346,7 +346,7 @@ def _run_template(model, tokenizer, template, messages, req, kwargs, seed, ids, 
 
 def _call_tool(model, tokenizer, req, kwargs) -> Iterator[Event]:
     """tool_choice naming a tool: the call's input is generated in the frame of the tool's
-    parameters schema (json_schema.py), so it always validates."""
+    parameters schema (tasks/json_schema.py), so it always validates."""
     if req.schema is not None or req.json_object:
         raise RequestError(
             "A forced tool call and response_format cannot be combined.", "tool_choice"
@@ -371,7 +371,7 @@ def _call_tool(model, tokenizer, req, kwargs) -> Iterator[Event]:
 
 
 def _drive_json(model, tokenizer, frame, messages, req, kwargs) -> Iterator[Event]:
-    """One generation: every reading of the frame is valid (json_schema.py)."""
+    """One generation: every reading of the frame is valid (tasks/json_schema.py)."""
     seed, ids, last = kwargs.pop("seed"), [], None
     if frame.template is not None:
         last = yield from _run_template(

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .image_processing import DEFAULT_SOFT_TOKENS, ProcessedImage, preprocess_image
+from .processing import DEFAULT_SOFT_TOKENS, ProcessedImage, preprocess_image
 
 
 def user_message(text: str, images: Sequence[Any] = ()) -> Dict[str, Any]:

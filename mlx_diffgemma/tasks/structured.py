@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .generate import GenerationResponse
+from ..generate import GenerationResponse
 from .infill import Hole, InfillTemplate, infill
 
 Spec = Union[str, Dict[str, Any], List[Any]]

@@ -38,8 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .canvas import CanvasLayout
-from .generate import GenerationResponse, resolve_config, stream_generate
+from ..diffusion.canvas import CanvasLayout
+from ..generate import GenerationResponse, resolve_config, stream_generate
 
 SYSTEM_PROMPT = (
     "Solve the following Sudoku puzzle. Empty cells are represented by 0. Output ONLY the "

@@ -107,8 +107,8 @@ class StepState(NamedTuple):
     Attributes:
         canvas: the next forward's input (accepted samples and fresh noise).
         argmax: the draft: the argmax canvas of the last step.
-        probs: the last step's probabilities, the next forward's self-conditioning;
-            None before the first step.
+        conditioning: the next forward's self-conditioning: the last step's
+            probabilities (fast mode: `Proposal.conditioning`); None before the first step.
         done: (B,) bool, rows whose canvas has stopped.
         history: the last `stability_threshold` argmax canvases, oldest first.
         fixed: bool (B or 1, C), decided positions: always accepted, never resampled.
@@ -117,7 +117,7 @@ class StepState(NamedTuple):
 
     canvas: mx.array
     argmax: mx.array
-    probs: Optional[mx.array]
+    conditioning: Optional[mx.array]
     done: mx.array
     history: Tuple[mx.array, ...]
     fixed: mx.array
@@ -146,6 +146,11 @@ class Proposal(NamedTuple):
     sampled: mx.array
     steps_left: mx.array
     conditioning: Optional[mx.array] = None
+
+    @property
+    def next_conditioning(self) -> mx.array:
+        """What the next forward is conditioned on."""
+        return self.probs if self.conditioning is None else self.conditioning
 
 
 # An acceptance rule: (proposal, state before the step) -> (B, C) bool, the positions
@@ -188,8 +193,9 @@ class ConfidenceThreshold:
 def make_accept(config) -> Accept:
     """The acceptance rule of a `DiffusionConfig`: its entropy bound (the default) or,
     with `commit_rule="confidence"`, the confidence threshold `commit_threshold`."""
-    if getattr(config, "commit_rule", "entropy_bound") == "confidence":
-        return ConfidenceThreshold(config.commit_threshold)
+    fast = config.fast
+    if fast is not None and fast.commit_rule == "confidence":
+        return ConfidenceThreshold(fast.commit_threshold)
     return EntropyBound(config.entropy_bound)
 
 
@@ -303,7 +309,7 @@ def step_update(
         (the next state, the (B, C) accepted mask).
     """
     fixed, ids = state.fixed, state.fixed_ids
-    canvas, argmax, prev_probs = state.canvas, state.argmax, state.probs
+    canvas, argmax, prev = state.canvas, state.argmax, state.conditioning
     proposal = proposal._replace(
         entropy=mx.where(fixed, 0.0, proposal.entropy),
         argmax=mx.where(fixed, ids, proposal.argmax.astype(argmax.dtype)),
@@ -314,13 +320,13 @@ def step_update(
     keep = state.done[:, None]
     new_argmax = mx.where(keep, argmax, proposal.argmax)
     new_canvas = mx.where(keep, canvas, new_canvas)
-    probs = proposal.probs if proposal.conditioning is None else proposal.conditioning
-    if probs.shape[0] > 1:  # a single row never runs past its stop
-        probs = mx.where(keep[..., None], prev_probs, probs)
+    cond = proposal.next_conditioning
+    if cond.shape[0] > 1:  # a single row never runs past its stop
+        cond = mx.where(keep[..., None], prev, cond)
     stable = is_stable(state.history, new_argmax)
     history = state.history[1:] + (new_argmax,) if state.history else state.history
     done = state.done | (stable & is_confident(proposal.entropy, confidence_threshold))
-    return StepState(new_canvas, new_argmax, probs, done, history, fixed, ids), accepted
+    return StepState(new_canvas, new_argmax, cond, done, history, fixed, ids), accepted
 
 
 def pad_after_eos(tokens: mx.array, eos_ids: mx.array, pad_id: int) -> Tuple[mx.array, mx.array]:
