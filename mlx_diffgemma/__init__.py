@@ -53,7 +53,7 @@ def __dir__():
 
 class _Package(types.ModuleType):
     def __setattr__(self, name, value):
-        # Importing the submodule `generate` binds it as an attribute of the
+        # Importing the submodule `generate` (or `infill`) binds it as an attribute of the
         # package; the public function of the same name must stay what the name means.
         if name in _EXPORTS and isinstance(value, types.ModuleType):
             return

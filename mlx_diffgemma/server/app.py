@@ -317,7 +317,10 @@ def load_model(model: str, adapter_path: Optional[str]):
     show_default=True,
 )
 def serve_command(**params):
-    """OpenAI- and Anthropic-compatible HTTP server for DiffusionGemma."""
+    """Serve the model over OpenAI- and Anthropic-compatible HTTP APIs.
+
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /health.
+    """
     args = types.SimpleNamespace(**params)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:
