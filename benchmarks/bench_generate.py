@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.peers import run_peer_subprocess
+from benchmarks.peers import RunSettings, run_peer_subprocess
 from benchmarks.shape_checkpoint import build
 
 MLX_VLM_SOURCE_SYNCS = "1-2 (source)"
@@ -201,14 +201,10 @@ def main():
 
         tokenizer = Tokenizer.from_pretrained(path)
         prompt = [tokenizer.bos_token_id] + tokenizer.encode(a.prompt)
-    settings = dict(
-        max_new_tokens=a.max_new_tokens,
-        max_denoising_steps=a.steps,
-        seed=a.seed,
-        warmup=True,
+    # Random weights: without --eos every runtime runs every canvas (no EOS ids).
+    settings = RunSettings(
+        a.max_new_tokens, a.steps, a.seed, warmup=True, eos_token_ids=None if a.eos else []
     )
-    if not a.eos:
-        settings["eos_token_ids"] = []  # random weights: run every canvas in every runtime
     runtimes = (FAST_RUNTIMES if a.fast else a.runtimes).split(",")
     python = {"mlx_vlm": a.mlx_vlm_python}
     print(
@@ -229,8 +225,8 @@ def main():
                 python.get(runner, sys.executable),
                 path,
                 prompt,
+                settings,
                 openblas=not a.no_openblas,
-                **settings,
                 **extra,
             )
             if runner == "mlx_diffgemma":

@@ -4,15 +4,15 @@
 
 On a random checkpoint the steps a canvas takes are an artifact of the weights (the
 shape checkpoint's peaked logits let monotone commit finish a canvas in one step), so
-this times the step itself, on the real code paths: the decoder forward, the pass over
-the vocabulary (softcap, temperature, exp, entropy, argmax; or fast mode's top-k), the
-sample and the next step's self-conditioning. Rows:
+this times the step itself with the public loop classes (`diffusion.steps.make_loop`,
+as generation builds them): `forward` (the decoder, self-conditioned) and `step` (the
+pass over the vocabulary, sample, accept, renoise, stop test). Rows:
 
-  exact          `denoise` + full softmax stats + [C, V] @ [V, H] self-conditioning
-  fast           `denoise` + top-k stats + gathered self-conditioning (k = 64)
-  compact n      `denoise_active` on n of the C positions (stale K/V for the rest) +
-                 top-k stats + gathered self-conditioning: a compacted step
-  repair         one full `denoise` + argmax
+  exact          DenoisingLoop: full softmax stats + [C, V] @ [V, H] self-conditioning
+  fast           FastLoop: top-k stats + gathered self-conditioning (k = 64)
+  compact n      CompactLoop.forward_active on n of the C positions (stale K/V for the
+                 rest) + its step: a compacted step
+  repair         FastLoop.full_pass: one full forward + argmax
 
 Multiply by the forwards (and widths) a trained model needs, from
 benchmarks/fast_quality.py, to compare settings (benchmarks/README.md does).
@@ -27,70 +27,63 @@ import mlx.core as mx
 
 from benchmarks.bench_generate import default_checkpoint
 from benchmarks.shape_checkpoint import build
-from mlx_diffgemma import load_model
+from mlx_diffgemma import DiffusionConfig, load_model
 from mlx_diffgemma.diffusion import sampler as S
-from mlx_diffgemma.diffusion import topk as T
-from mlx_diffgemma.diffusion.steps import (
-    _cpu_lanes,
-    _stats,
-    _top_k_stats,
-    generation_stream,
-    prefill,
-)
+from mlx_diffgemma.diffusion.canvas import CanvasPlan
+from mlx_diffgemma.diffusion.steps import make_loop, prefill
+
+
+def loop_after_one_step(model, cache, config, plan):
+    """A public loop (`make_loop`, as `generate_step` builds it) one step into a canvas,
+    so its state carries the conditioning its mode feeds the next forward."""
+    draws = S.RandomDraws(mx.random.key(0), model.args.vocab_size)
+    loop = make_loop(model, config, draws, S.make_accept(config), 1)
+    state = loop.start(plan)
+    first = getattr(loop, "first_forward", loop.forward)(state, cache)
+    state, _ = loop.step(state, first, None, config.max_denoising_steps)
+    mx.eval(state)
+    return loop, state
 
 
 def steps(model, cache, k: int):
-    """name -> a function building one step (lazy) from a (1, C) canvas."""
-    C, V, H = model.args.canvas_length, model.args.vocab_size, model.args.hidden_size
-    cap, temp = model.args.final_logit_softcapping, mx.array(0.6)
-    lanes = _cpu_lanes(generation_stream())
-    probs = mx.softmax(mx.random.normal((1, C, V)), axis=-1)
-    cond = mx.random.normal((1, C, H)).astype(model.model.decoder.embed_tokens.weight.dtype)
-    u = mx.random.uniform(shape=(1, C))
+    """name -> a function building one step (lazy) with the loop classes' own methods:
+    the forward, then `step` (stats, sample, accept, renoise, stop test, conditioning)."""
+    C = model.args.canvas_length
+    plan = CanvasPlan.free(C)
+    # A huge number of steps keeps the temperature and the stop test as on a first step.
+    exact = DiffusionConfig(max_new_tokens=C, max_denoising_steps=1000)
+    fast = exact.replace(mode="fast", top_k=k, self_conditioning_top_k=k)
+    compact = fast.replace(monotone_commit=True, compact=True, entropy_bound=1e-9)
 
-    def exact(x):
-        logits = model.denoise(x, cache, self_conditioning_probs=probs, apply_softcap=False)
-        p, ent, argmax = _stats(logits, temp, cap, None, lanes)
-        return [ent, argmax, S.sample_categorical(p, u), model.self_conditioning_embeddings(p)]
+    def timed(config):
+        loop, state = loop_after_one_step(model, cache, config, plan)
+        return lambda: loop.step(state, loop.forward(state, cache), None, 1000)[0]
 
-    def top_k_step(logits):
-        p, ent, argmax, ids = _stats(logits, temp, cap, None, lanes, _top_k_stats(k))
-        sample = S.sample_categorical(p, u[:, : p.shape[1]])
-        w, ids2 = T.top_k_weights(p, k, ids)
-        return [ent, argmax, sample, model.gathered_self_conditioning(ids2, w)]
+    def repair():
+        loop, state = loop_after_one_step(model, cache, fast, plan)
+        return lambda: loop.full_pass(state, plan, cache)[1]
 
-    def fast(x):
-        return top_k_step(
-            model.denoise(x, cache, self_conditioning_embeddings=cond, apply_softcap=False)
-        )
+    def compacted(n):
+        loop, state = loop_after_one_step(model, cache, compact, plan)
+        positions = mx.arange(n, dtype=mx.int32)[None]
+        ids, cond = state.canvas[:, :n], state.conditioning[:, :n]
 
-    every = mx.arange(C)[None]
-    _, kv = model.denoise_active(mx.zeros((1, C), mx.int32), every, cache, None, cond)
-    mx.eval(kv, probs, cond)
-
-    def compact(n):
-        def step(x):
-            pos = every[:, :n]
-            logits, _ = model.denoise_active(x[:, :n], pos, cache, kv, cond[:, :n])
-            return top_k_step(logits)
+        def step():
+            logits = loop.forward_active(ids, cond, positions, cache)
+            return loop.step(state, logits, None, 1000)[0]
 
         return step
 
-    def repair(x):
-        logits = model.denoise(x, cache, self_conditioning_embeddings=cond, apply_softcap=False)
-        return [mx.argmax(logits, axis=-1)]
-
-    return {"exact": exact, "fast": fast, "repair": repair}, compact
+    return {"exact": timed(exact), "fast": timed(fast), "repair": repair()}, compacted
 
 
-def time_step(fn, x, repeats: int) -> float:
-    with mx.stream(generation_stream()):
-        mx.eval(fn(x))  # compile and first-call costs
-        times = []
-        for _ in range(repeats):
-            tic = time.perf_counter()
-            mx.eval(fn(x))
-            times.append(time.perf_counter() - tic)
+def time_step(fn, repeats: int) -> float:
+    mx.eval(fn())  # compile and first-call costs
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - tic)
     return statistics.median(times)
 
 
@@ -110,7 +103,6 @@ def main():
     cache = model.make_cache()
     prompt = (mx.arange(a.prompt_tokens)[None] * 7919 + 13) % (V - 1000) + 1000
     prefill(model, prompt, cache)
-    x = mx.random.randint(1000, V, (1, C), key=mx.random.key(0))
     fns, compact = steps(model, cache, a.k)
     print(
         f"{path}: canvas {C}, vocab {V}, prompt {a.prompt_tokens}, k {a.k}, median of {a.repeats}"
@@ -121,7 +113,7 @@ def main():
         (f"compact {n}", compact(int(n))) for n in a.widths.split(",") if int(n) <= C
     ]
     for name, fn in rows:
-        ms = 1000 * time_step(fn, x, a.repeats)
+        ms = 1000 * time_step(fn, a.repeats)
         exact = exact or ms
         print(f"{name:14} {ms:8.0f} {exact / ms:8.2f}x", flush=True)
 

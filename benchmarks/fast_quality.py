@@ -183,7 +183,7 @@ def evaluate(path: Path, a):
 def run_peer(peer: str, path: Path, prompts, config, a):
     """A peer runtime's outputs (padded ids, as `run`'s) and mean denoising steps per
     canvas, one prompt at a time in one subprocess (mlx-vlm generates batch 1 only)."""
-    from peers import run_peer_subprocess
+    from benchmarks.peers import RunSettings, run_peer_subprocess
 
     runner, _, variant = peer.partition(":")
     extra = {"diffusion_sampler": "confidence-threshold"} if variant == "default" else {}
@@ -192,10 +192,8 @@ def run_peer(peer: str, path: Path, prompts, config, a):
         sys.executable,
         path,
         prompts[0],
+        RunSettings(config.max_new_tokens, a.steps or config.max_denoising_steps, a.seed),
         more_prompts=prompts[1:],
-        max_new_tokens=config.max_new_tokens,
-        max_denoising_steps=a.steps or config.max_denoising_steps,
-        seed=a.seed,
         **extra,
     )
     rows = [r["generated_ids"]] + r["more_generated_ids"]

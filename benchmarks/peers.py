@@ -3,9 +3,9 @@
 Each runner imports its runtime lazily, so the file imports without any of them installed. A
 missing runtime raises a one-line ``ImportError`` that names the pip command.
 
-    run_mlx_diffgemma(model_path, prompt_ids, *, max_new_tokens, max_denoising_steps, seed, ...)
-    run_mlx_vlm(model_path, prompt_ids, *, max_new_tokens, max_denoising_steps, seed, ...)
-    run_transformers(model_path, prompt_ids, *, max_new_tokens, max_denoising_steps, seed, ...)
+    run_mlx_diffgemma(model_path, prompt_ids, RunSettings(max_new_tokens, max_denoising_steps, seed))
+    run_mlx_vlm(model_path, prompt_ids, settings)
+    run_transformers(model_path, prompt_ids, settings)
 
 Both runners take a local checkpoint folder in the HF layout. That is ``model.decoder.*``, the
 encoder ``layer_scalar``s and the vision keys, plus ``config.json`` and (optionally)
@@ -42,7 +42,7 @@ interpreter: it sends the request as JSON on stdin, and the script prints one li
 
     from benchmarks.peers import run_peer_subprocess
     res = run_peer_subprocess("mlx_vlm", "../venv-peer/bin/python", model_path, ids,
-                              max_new_tokens=256, max_denoising_steps=48, seed=0, openblas=True)
+                              RunSettings(256, 48, seed=0), openblas=True)
 
 On the Linux CPU box, float32 matmuls in MLX are about 50x faster with OpenBLAS preloaded (see
 shared/docs/PERFORMANCE.md section 3.4). The preload has to be in place before the process
@@ -57,6 +57,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -75,6 +76,28 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- helpers
+@dataclass(frozen=True)
+class RunSettings:
+    """What every runner takes besides the checkpoint and the prompt (transformers' names).
+
+    ``warmup=True`` first runs one untimed generation (at most 2 canvases x 2 steps);
+    ``dtype`` ("float32", ...) casts the float parameters after loading (None: as stored);
+    ``eos_token_ids`` None reads them from the checkpoint.
+    """
+
+    max_new_tokens: int
+    max_denoising_steps: int
+    seed: int
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_ids: Optional[Sequence[int]] = None
+    dtype: Optional[str] = None
+    warmup: bool = False
+
+
 def _read_json(path: Path) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -209,18 +232,8 @@ class _IdProcessor:
 def run_mlx_vlm(
     model_path,
     prompt_ids: Sequence[int],
+    s: RunSettings,
     *,
-    max_new_tokens: int,
-    max_denoising_steps: int,
-    seed: int,
-    entropy_bound: float = 0.1,
-    t_min: float = 0.4,
-    t_max: float = 0.8,
-    stability_threshold: int = 1,
-    confidence_threshold: float = 0.005,
-    eos_token_ids: Optional[Sequence[int]] = None,
-    dtype: Optional[str] = None,
-    warmup: bool = False,
     diffusion_sampler: str = "entropy-bound",
     more_prompts: Optional[Sequence[Sequence[int]]] = None,
 ) -> Dict[str, Any]:
@@ -276,11 +289,11 @@ def run_mlx_vlm(
         ) from None
 
     model_path = Path(model_path)
-    eos = _eos_ids(model_path, eos_token_ids)
+    eos = _eos_ids(model_path, s.eos_token_ids)
     t0 = time.perf_counter()
     model = load_model(model_path)
-    if dtype is not None:
-        model.set_dtype(getattr(mx, dtype))
+    if s.dtype is not None:
+        model.set_dtype(getattr(mx, s.dtype))
         mx.eval(model.parameters())
     load_s = time.perf_counter() - t0
 
@@ -290,15 +303,15 @@ def run_mlx_vlm(
         {
             "sampler_config": {
                 "_cls_name": "EntropyBoundSamplerConfig",
-                "entropy_bound": float(entropy_bound),
+                "entropy_bound": float(s.entropy_bound),
             },
-            "t_min": float(t_min),
-            "t_max": float(t_max),
-            "stability_threshold": int(stability_threshold),
-            "confidence_threshold": float(confidence_threshold),
+            "t_min": float(s.t_min),
+            "t_max": float(s.t_max),
+            "stability_threshold": int(s.stability_threshold),
+            "confidence_threshold": float(s.confidence_threshold),
             "eos_token_id": list(eos),
-            "max_denoising_steps": int(max_denoising_steps),
-            "max_new_tokens": int(max_new_tokens),
+            "max_denoising_steps": int(s.max_denoising_steps),
+            "max_new_tokens": int(s.max_new_tokens),
         }
     )
     for key in ("linear_temperature_schedule_config", "diffusion_stopping_config"):
@@ -326,16 +339,18 @@ def run_mlx_vlm(
             ),
         )
 
-    if warmup:  # same shapes, 2 canvases x 2 steps: first-call and compile costs leave the timing
+    if s.warmup:  # same shapes, 2 canvases x 2 steps: first-call and compile costs leave the timing
         canvas = int(model.config.canvas_length)
         for _ in _generate(
-            min(int(max_new_tokens), 2 * canvas), min(int(max_denoising_steps), 2), int(seed) + 1
+            min(int(s.max_new_tokens), 2 * canvas),
+            min(int(s.max_denoising_steps), 2),
+            int(s.seed) + 1,
         ):
             pass
     mx.reset_peak_memory()
     t1 = time.perf_counter()
     new_ids, cumulative_steps, last = _mlx_vlm_ids(
-        _generate(max_new_tokens, max_denoising_steps, seed)
+        _generate(s.max_new_tokens, s.max_denoising_steps, s.seed)
     )
     total_s = time.perf_counter() - t1
     steps_per_canvas = [b - a for a, b in zip([0] + cumulative_steps[:-1], cumulative_steps)]
@@ -348,7 +363,7 @@ def run_mlx_vlm(
         {"mlx_vlm": getattr(mlx_vlm, "__version__", None), "mlx": mx.__version__},
         new_ids,
         eos,
-        max_new_tokens,
+        s.max_new_tokens,
         steps_per_canvas,
         load_s,
         prefill_s,
@@ -358,10 +373,10 @@ def run_mlx_vlm(
     )
     if more_prompts:  # e.g. a test set, scored by the caller (seeds seed + 1, ...)
         more = [
-            _mlx_vlm_ids(_generate(max_new_tokens, max_denoising_steps, seed + 1 + i, ids))
+            _mlx_vlm_ids(_generate(s.max_new_tokens, s.max_denoising_steps, s.seed + 1 + i, ids))
             for i, ids in enumerate(more_prompts)
         ]
-        res["more_generated_ids"] = [_cut(ids, eos, max_new_tokens)[0] for ids, _, _ in more]
+        res["more_generated_ids"] = [_cut(ids, eos, s.max_new_tokens)[0] for ids, _, _ in more]
         # Mean denoising steps per canvas of each (the counts are cumulative).
         res["more_steps_per_canvas"] = [
             steps[-1] / len(steps) if steps else 0 for _, steps, _ in more
@@ -421,18 +436,7 @@ class _StepCounter:
 def run_transformers(
     model_path,
     prompt_ids: Sequence[int],
-    *,
-    max_new_tokens: int,
-    max_denoising_steps: int,
-    seed: int,
-    entropy_bound: float = 0.1,
-    t_min: float = 0.4,
-    t_max: float = 0.8,
-    stability_threshold: int = 1,
-    confidence_threshold: float = 0.005,
-    eos_token_ids: Optional[Sequence[int]] = None,
-    dtype: Optional[str] = None,
-    warmup: bool = False,
+    s: RunSettings,
 ) -> Dict[str, Any]:
     """Generate with transformers' ``DiffusionGemmaForBlockDiffusion.generate`` (torch, CPU).
 
@@ -462,10 +466,10 @@ def run_transformers(
         ) from None
 
     model_path = Path(model_path)
-    eos = _eos_ids(model_path, eos_token_ids)
+    eos = _eos_ids(model_path, s.eos_token_ids)
     t0 = time.perf_counter()
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        str(model_path), dtype=(getattr(torch, dtype) if dtype else "auto")
+        str(model_path), dtype=(getattr(torch, s.dtype) if s.dtype else "auto")
     ).eval()
     load_s = time.perf_counter() - t0
 
@@ -487,27 +491,27 @@ def run_transformers(
             input_ids,
             max_new_tokens=int(n_tokens),
             max_denoising_steps=int(n_steps),
-            sampler_config=EntropyBoundSamplerConfig(entropy_bound=float(entropy_bound)),
-            t_min=float(t_min),
-            t_max=float(t_max),
-            stability_threshold=int(stability_threshold),
-            confidence_threshold=float(confidence_threshold),
+            sampler_config=EntropyBoundSamplerConfig(entropy_bound=float(s.entropy_bound)),
+            t_min=float(s.t_min),
+            t_max=float(s.t_max),
+            stability_threshold=int(s.stability_threshold),
+            confidence_threshold=float(s.confidence_threshold),
             eos_token_id=list(eos),
             pad_token_id=PAD_TOKEN_ID,
             streamer=streamer,
             return_dict_in_generate=True,
         )
 
-    if warmup:  # torch's first generate() is ~10x slower than later ones (seen on the tiny model)
-        torch.manual_seed(int(seed) + 1)
+    if s.warmup:  # torch's first generate() is ~10x slower than later ones (seen on the tiny model)
+        torch.manual_seed(int(s.seed) + 1)
         canvas = int(model.config.canvas_length)
-        _generate(min(int(max_new_tokens), 2 * canvas), min(int(max_denoising_steps), 2), None)
+        _generate(min(int(s.max_new_tokens), 2 * canvas), min(int(s.max_denoising_steps), 2), None)
     enc_times.clear()
     counter = _StepCounter()
-    torch.manual_seed(int(seed))
+    torch.manual_seed(int(s.seed))
     try:
         t1 = time.perf_counter()
-        out = _generate(max_new_tokens, max_denoising_steps, counter)
+        out = _generate(s.max_new_tokens, s.max_denoising_steps, counter)
         total_s = time.perf_counter() - t1
     finally:
         h1.remove()
@@ -519,7 +523,7 @@ def run_transformers(
         {"transformers": transformers.__version__, "torch": torch.__version__},
         raw_new,
         eos,
-        max_new_tokens,
+        s.max_new_tokens,
         counter.steps_per_canvas,
         load_s,
         prefill_s,
@@ -530,7 +534,7 @@ def run_transformers(
     tpf = out.tokens_per_forward
     res["hf_tokens_per_forward"] = float(tpf[0]) if tpf is not None else None
     res["raw_new_ids"] = raw_new
-    res["expected_canvases"] = math.ceil(max_new_tokens / int(model.config.canvas_length))
+    res["expected_canvases"] = math.ceil(s.max_new_tokens / int(model.config.canvas_length))
     return res
 
 
@@ -538,18 +542,8 @@ def run_transformers(
 def run_mlx_diffgemma(
     model_path,
     prompt_ids: Sequence[int],
+    s: RunSettings,
     *,
-    max_new_tokens: int,
-    max_denoising_steps: int,
-    seed: int,
-    entropy_bound: float = 0.1,
-    t_min: float = 0.4,
-    t_max: float = 0.8,
-    stability_threshold: int = 1,
-    confidence_threshold: float = 0.005,
-    eos_token_ids: Optional[Sequence[int]] = None,
-    dtype: Optional[str] = None,
-    warmup: bool = False,
     fast_settings: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Generate with this project's token-level loop (`mlx_diffgemma.diffusion.steps.generate_step`).
@@ -569,19 +563,19 @@ def run_mlx_diffgemma(
         raise ImportError(f"mlx_diffgemma is not installed ({exc}); pip install -e .") from None
 
     model_path = Path(model_path)
-    eos = _eos_ids(model_path, eos_token_ids)
+    eos = _eos_ids(model_path, s.eos_token_ids)
     t0 = time.perf_counter()
     model = load_model(model_path)
-    if dtype is not None:
-        model.set_dtype(getattr(mx, dtype))
+    if s.dtype is not None:
+        model.set_dtype(getattr(mx, s.dtype))
         mx.eval(model.parameters())
     load_s = time.perf_counter() - t0
     config = model.generation_config.replace(
-        entropy_bound=float(entropy_bound),
-        t_min=float(t_min),
-        t_max=float(t_max),
-        stability_threshold=int(stability_threshold),
-        confidence_threshold=float(confidence_threshold),
+        entropy_bound=float(s.entropy_bound),
+        t_min=float(s.t_min),
+        t_max=float(s.t_max),
+        stability_threshold=int(s.stability_threshold),
+        confidence_threshold=float(s.confidence_threshold),
         eos_token_id=tuple(eos),
         **(fast_settings or {}),
     )
@@ -602,14 +596,16 @@ def run_mlx_diffgemma(
         ]
         return prefill_s, blocks
 
-    if warmup:  # same shapes, 2 canvases x 2 steps: compile and first-call costs leave the timing
+    if s.warmup:  # same shapes, 2 canvases x 2 steps: compile and first-call costs leave the timing
         canvas = model.args.canvas_length
         _generate(
-            min(int(max_new_tokens), 2 * canvas), min(int(max_denoising_steps), 2), int(seed) + 1
+            min(int(s.max_new_tokens), 2 * canvas),
+            min(int(s.max_denoising_steps), 2),
+            int(s.seed) + 1,
         )
     mx.reset_peak_memory()
     t1 = time.perf_counter()
-    prefill_s, blocks = _generate(max_new_tokens, max_denoising_steps, seed)
+    prefill_s, blocks = _generate(s.max_new_tokens, s.max_denoising_steps, s.seed)
     total_s = time.perf_counter() - t1
     new_ids = [t for b in blocks for t in b.tokens[0].tolist()]
     res = _common_result(
@@ -617,7 +613,7 @@ def run_mlx_diffgemma(
         {"mlx_diffgemma": getattr(mlx_diffgemma, "__version__", None), "mlx": mx.__version__},
         new_ids,
         eos,
-        max_new_tokens,
+        s.max_new_tokens,
         [b.steps for b in blocks],
         load_s,
         prefill_s,
@@ -672,6 +668,7 @@ def run_peer_subprocess(
     python: str,
     model_path,
     prompt_ids: Sequence[int],
+    settings: RunSettings,
     *,
     openblas: bool = False,
     env: Optional[Dict[str, str]] = None,
@@ -680,7 +677,8 @@ def run_peer_subprocess(
 ) -> Dict[str, Any]:
     """Run ``run_<peer>`` under another interpreter (e.g. a separate venv for mlx-vlm).
 
-    ``kwargs`` are the runner's keyword arguments (max_new_tokens, max_denoising_steps, seed, ...).
+    ``kwargs`` are the runner's own keyword arguments (mlx-vlm's ``diffusion_sampler``,
+    ``more_prompts``; this project's ``fast_settings``).
     The child's stderr passes through, and a non-zero exit raises RuntimeError.
     """
     if peer not in RUNNERS:
@@ -689,6 +687,7 @@ def run_peer_subprocess(
         "peer": peer,
         "model_path": str(model_path),
         "prompt_ids": [int(t) for t in prompt_ids],
+        "settings": asdict(settings),
         **kwargs,
     }
     child_env = openblas_env(env) if openblas else dict(os.environ if env is None else env)
@@ -724,7 +723,8 @@ def _main(argv: List[str]) -> int:
     runner = RUNNERS[request.pop("peer")]
     model_path = request.pop("model_path")
     prompt_ids = request.pop("prompt_ids")
-    result = runner(model_path, prompt_ids, **request)
+    settings = RunSettings(**request.pop("settings"))
+    result = runner(model_path, prompt_ids, settings, **request)
     sys.stdout.write(RESULT_MARKER + json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0
