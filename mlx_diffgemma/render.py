@@ -42,7 +42,7 @@ class Output:
         """Print one `GenerationResponse`."""
         self.started = True
         if r.kind == "draft":
-            self._redraw(self._canvas(r.draft_tokens, r.draft_accepted))
+            self.redraw(self._canvas(r.draft_tokens, r.draft_accepted))
             return
         if r.thinking and self.show_thinking:
             if self.tty:
@@ -90,7 +90,7 @@ class Output:
         self.line = line
         self._erase()
         click.echo("".join(_styled(t, s) for t, s in head), nl=False)
-        self._redraw([])
+        self.redraw([])
 
     def _canvas(self, tokens, accepted):
         # Decode runs of equal acceptance together, so multi-token characters stay whole.
@@ -102,7 +102,7 @@ class Output:
                 start = i
         return pieces
 
-    def _redraw(self, canvas):
+    def redraw(self, canvas):
         self._erase()
         cols, lines = shutil.get_terminal_size()
         region, width = fit(self.line + canvas, cols * max(1, lines - 1) - 1)

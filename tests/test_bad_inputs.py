@@ -173,11 +173,11 @@ def test_live_redraw_counts_the_rows_it_drew(monkeypatch, capsys):
     # a line above the output.
     monkeypatch.setattr(shutil, "get_terminal_size", lambda: (10, 24))
     out = Output(None, True, live=True)
-    out._redraw([("के" * 10, "")])  # 10 cells: one row of 10 columns
+    out.redraw([("के" * 10, "")])  # 10 cells: one row of 10 columns
     assert out.rows == 1
-    out._redraw([("日本語" * 3, "")])  # 18 cells: two rows
+    out.redraw([("日本語" * 3, "")])  # 18 cells: two rows
     assert out.rows == 2
-    out._redraw([("नमस्ते" * 2 + "e\u0301" * 2, "")])  # 10 cells
+    out.redraw([("नमस्ते" * 2 + "e\u0301" * 2, "")])  # 10 cells
     assert out.rows == 1
 
 

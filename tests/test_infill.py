@@ -76,7 +76,7 @@ def test_fixed_text_decodes_byte_identically(tok):
     texts = ["\n\nprint(add(1, 2))", '", "age": ', " | x |\n|", "  indented\tcode\r\n", "é😀 ü"]
     for s in texts:
         t = InfillTemplate(tok, "", [Hole(1), s])
-        assert tok.decode(t._ids[1]) == s
+        assert tok.decode(t.part_ids[1]) == s
 
 
 def test_layout_clamps_text_frees_holes_seeds_edits_and_ends_the_text(tok):

@@ -113,7 +113,7 @@ class InfillTemplate:
         self.prefix = prefix
         self.parts = parts
         self.fillers = {tokenizer.pad_token_id, *tokenizer.eos_token_ids}
-        self._ids: List[List[int]] = []
+        self.part_ids: List[List[int]] = []  # per part: its ids (fixed text, edit seeds)
         for p in parts:
             if isinstance(p, str):
                 ids = tokenizer.encode(p)
@@ -130,7 +130,7 @@ class InfillTemplate:
                         f"The edit {_clip(p.seed)} is {len(ids)} tokens, more than its budget of "
                         f"{p.budget}; write [[edit:{len(ids)}]] or more."
                     )
-            self._ids.append(ids)
+            self.part_ids.append(ids)
 
     @classmethod
     def parse(
@@ -192,7 +192,7 @@ class InfillTemplate:
     def positions(self, canvas_length: int) -> int:
         """Canvas positions of the layout: whole canvases up to the last free slot."""
         last_free, pos = 0, 0
-        for part, part_ids in zip(self.parts, self._ids):
+        for part, part_ids in zip(self.parts, self.part_ids):
             size = len(part_ids) if isinstance(part, str) else part.budget
             if not isinstance(part, str):
                 last_free = pos + size - 1
@@ -215,7 +215,7 @@ class InfillTemplate:
         """
         C = canvas_length
         ids, fixed, seeded, classes, masks = [], [], [], [], []
-        for part, part_ids in zip(self.parts, self._ids):
+        for part, part_ids in zip(self.parts, self.part_ids):
             if isinstance(part, str):
                 ids += part_ids
                 fixed += [True] * len(part_ids)
@@ -259,7 +259,7 @@ class InfillTemplate:
         """
         out, fills, pos = [self.prefix], [], 0
         token_ids = [int(t) for t in token_ids]
-        for part, part_ids in zip(self.parts, self._ids):
+        for part, part_ids in zip(self.parts, self.part_ids):
             if isinstance(part, str):
                 got = token_ids[pos : pos + len(part_ids)]
                 if got != part_ids[: len(got)]:

@@ -621,7 +621,7 @@ def hole_ids(template: InfillTemplate, token_ids: Sequence[int]) -> List[List[in
     """Each hole's generated ids, cut at its first `<pad>` or EOS."""
     out, pos = [], 0
     ids = [int(t) for t in token_ids]
-    for part, part_ids in zip(template.parts, template._ids):
+    for part, part_ids in zip(template.parts, template.part_ids):
         if isinstance(part, str):
             pos += len(part_ids)
             continue
