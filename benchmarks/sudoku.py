@@ -28,7 +28,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from mlx_diffgemma import load
-from mlx_diffgemma.diffusion.config import DiffusionConfig
+from mlx_diffgemma.diffusion.config import FAST_SETTINGS, DiffusionConfig
 from mlx_diffgemma.tasks import sudoku as S
 
 DEFAULT_STEPS = (1, 4, 12, 16, 48)
@@ -214,10 +214,11 @@ def main(argv=None):
         p.error(f"--limit must be at least 1 (got {args.limit}).")
     try:
         settings = dict(_setting(kv) for kv in args.set)
-        unknown = set(settings) - {f.name for f in dataclasses.fields(DiffusionConfig)}
+        names = {f.name for f in dataclasses.fields(DiffusionConfig)} - {"fast"}
+        unknown = set(settings) - names - set(FAST_SETTINGS) - {"mode"}
         if unknown:
-            raise ValueError(f"--set {sorted(unknown)[0]}: not a DiffusionConfig setting.")
-        DiffusionConfig(**settings)  # a bad value fails here, with its one-line reason
+            raise ValueError(f"--set {sorted(unknown)[0]}: not a sampler setting.")
+        DiffusionConfig().replace(**settings)  # a bad value fails here, with its reason
         puzzles = S.load_puzzles(args.puzzles, args.limit) if args.puzzles else list(S.PUZZLES)
         model, tokenizer = load(args.model)
     except (OSError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""Command line: `mlx_diffgemma generate|infill|convert|lora|fuse|serve ...` (also `python -m mlx_diffgemma`).
+"""Command line: `mlx_diffgemma generate|infill|convert|lora|distill|fuse|serve ...` (also `python -m mlx_diffgemma`).
 
 This module only assembles the commands; each lives beside the module it drives
 (`generate.py`, `infill.py`, `convert.py`, `server/app.py`) and is imported only when it runs, so
@@ -29,6 +29,11 @@ COMMANDS = {
         "lora",
         "lora_command",
         "Fine-tune with DiffusionGemma's objective (LoRA, DoRA or full).",
+    ),
+    "distill": (
+        "distill",
+        "distill_command",
+        "Distill a model into one that needs few denoising steps per canvas.",
     ),
     "fuse": ("fuse", "fuse_command", "Fuse an adapter into the model and save it."),
     "serve": (

@@ -63,7 +63,7 @@ CONFIG_DEFAULTS = {
 
 # The flags, as mlx_lm.lora names them (and the objective's own): (flag, type, help);
 # "flag" is an on/off switch. Every default is None here, so --config can fill it.
-_FLAGS = [
+FLAGS = [
     ("--model", str, "Model folder or hub repo (a quantized model means QLoRA)."),
     ("--train", "flag", "Do training."),
     ("--data", str, "Folder with train/valid/test.jsonl (chat, completions or text)."),
@@ -167,7 +167,9 @@ def objective(args) -> Objective:
     )
 
 
-def run_training(args, model, tokenizer, data) -> None:
+def start_adapter(args, model) -> Path:
+    """Wire the trainable weights, resume them if asked, write adapter_config.json;
+    the adapter folder (lora and distill share this)."""
     wire(args, model)
     if args.resume_adapter_file is not None:
         weights = mx.load(args.resume_adapter_file)
@@ -179,10 +181,14 @@ def run_training(args, model, tokenizer, data) -> None:
     out = Path(args.adapter_path)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items()}
-    if args.init_config is not None:
+    if getattr(args, "init_config", None) is not None:
         config["init_config"] = read_init_config(args.init_config)
     save_config(config, out / "adapter_config.json")
-    targs = TrainingArgs(
+    return out
+
+
+def training_args(args, out: Path) -> TrainingArgs:
+    return TrainingArgs(
         batch_size=args.batch_size,
         iters=args.iters,
         val_batches=args.val_batches,
@@ -193,6 +199,11 @@ def run_training(args, model, tokenizer, data) -> None:
         max_seq_length=args.max_seq_length,
         grad_accumulation_steps=args.grad_accumulation_steps,
     )
+
+
+def run_training(args, model, tokenizer, data) -> None:
+    out = start_adapter(args, model)
+    targs = training_args(args, out)
     opt = make_optimizer(args.learning_rate, args.iters, args.lr_schedule)
     train(
         model,
@@ -241,7 +252,7 @@ def run(args) -> None:
 
 
 @click.command(name="lora", context_settings=CONTEXT_SETTINGS)
-@flag_options(_FLAGS)
+@flag_options(FLAGS)
 def lora_command(**params):
     """Fine-tune with DiffusionGemma's objective (LoRA, DoRA or full).
 

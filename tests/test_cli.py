@@ -323,7 +323,7 @@ def test_group_has_generate_and_convert(tiny_checkpoint, tiny):
 @pytest.mark.slow
 def test_entry_points_print_no_warning():
     # runpy warns when the package has imported the module it runs; it must not have.
-    for module in ["mlx_diffgemma", "mlx_diffgemma.generate", "mlx_diffgemma.tasks.infill"]:
+    for module in ["mlx_diffgemma", "mlx_diffgemma.generate", "mlx_diffgemma.infill"]:
         result = subprocess.run(
             [sys.executable, "-W", "default", "-m", module, "--help"],
             capture_output=True,

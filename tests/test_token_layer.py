@@ -239,3 +239,16 @@ def test_a_large_batch_denoises_split_over_cpu_lanes_with_the_same_logits(tiny):
     # Fewer than two rows per lane: one pass (nothing to split).
     one = split_denoise(model, canvas, cache, lanes * 2, self_conditioning_probs=probs)
     assert mx.array_equal(one, whole).item()
+
+
+def test_a_batch_split_over_lanes_generates_from_its_first_step():
+    # The first step has no conditioning to split by rows (a regression).
+    from conftest import random_tiny_model
+
+    model = random_tiny_model()
+    config = DiffusionConfig(max_new_tokens=8, max_denoising_steps=2)
+    prompt = mx.random.randint(3, 100, (8, 5), key=mx.random.key(0))
+    for cfg in (config, config.replace(mode="fast")):
+        steps = generate_step(prompt, model, config=cfg, key=mx.random.key(1))
+        block = next(e for e in steps if isinstance(e, Block))
+        assert block.tokens.shape == (8, 8)

@@ -206,7 +206,8 @@ class DenoisingLoop:
         step's probabilities (none at a canvas's first step)."""
         with mx.stream(self.stream):
             self.shapes.add(state.canvas.shape[1])
-            kw = self.conditioning(state.conditioning)
+            cond = state.conditioning  # None at a canvas's first step: no conditioning
+            kw = {} if cond is None else self.conditioning(cond)
             return split_denoise(self.model, state.canvas, cache, self.lanes, **kw)
 
     def conditioning(self, conditioning) -> dict:

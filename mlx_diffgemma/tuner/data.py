@@ -69,15 +69,37 @@ def example_from_record(record: dict, tokenizer) -> Example:
     )
 
 
-def load_jsonl(path: Path, tokenizer) -> List[Example]:
+def prompt_from_record(record: dict, tokenizer) -> List[int]:
+    """The prompt of one jsonl record, rendered as the generate command renders a user
+    message: chat records without their last assistant turn (if any), completions
+    records with or without a completion (distillation needs prompts only)."""
+    if "messages" in record:
+        messages = list(record["messages"])
+        if messages and messages[-1].get("role") in ("assistant", "model"):
+            messages = messages[:-1]
+        if not messages:
+            raise ValueError("a chat record needs a message before the assistant's")
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if isinstance(record.get("prompt"), str):
+        user = [{"role": "user", "content": record["prompt"]}]
+        return tokenizer.apply_chat_template(user, add_generation_prompt=True)
+    raise ValueError(
+        f"no prompt in a record with keys {sorted(record)}; use 'messages' (chat) or "
+        "'prompt' (completions)"
+    )
+
+
+def load_jsonl(path: Path, tokenizer, parse=None) -> list:
+    """The records of a jsonl file, each through `parse` (default: a training example)."""
+    parse = parse or example_from_record
     out = []
     with open(path) as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
             try:
-                out.append(example_from_record(json.loads(line), tokenizer))
-            except (ValueError, KeyError, TypeError) as e:
+                out.append(parse(json.loads(line), tokenizer))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{path}, line {i + 1}: {e}") from None
     return out
 

@@ -124,10 +124,14 @@ def loss_terms(model, batch: Batch, draws: Draws, obj: Objective):
         soft = soft * draws.self_cond[:, None, None].astype(soft.dtype)
     logits = decoder_pass(model, noisy, start, kvs, soft, obj.grad_checkpoint)
     dec = nn.losses.cross_entropy(logits, clean).mean()
+    return dec, encoder_loss(enc_logits, batch), clean.size
+
+
+def encoder_loss(enc_logits: mx.array, batch: Batch) -> mx.array:
+    """The encoder's mean next-token cross-entropy over prompt + answer + EOS."""
     targets, mask = encoder_targets(batch)
     ce = nn.losses.cross_entropy(enc_logits[:, :-1], targets) * mask
-    enc = ce.sum() / mx.maximum(mask.sum(), 1)
-    return dec, enc, clean.size
+    return ce.sum() / mx.maximum(mask.sum(), 1)
 
 
 def diffusion_loss(model, batch: Batch, draws: Draws, obj: Objective):

@@ -97,10 +97,16 @@ def train(
 
     Sequences are right-padded to a multiple of `pad_to` (fewer compiled shapes).
     """
+    batches = BatchIterator(model, pad_id, objective, seed, pad_to)
+    fit(model, optimizer, train_set, valid_set, args, make_loss(objective), batches, seed, callback)
+
+
+def fit(model, optimizer, train_set, valid_set, args, loss, batches, seed=0, callback=None):
+    """mlx-lm's training loop with a loss and batches of ours (`train`, distillation)."""
     if args.grad_checkpoint:
         # mlx-lm's checkpointing patches the layer class's __call__, which the training
-        # forward does not use (and inference does); ours is in the Objective.
-        raise ValueError("Pass grad_checkpoint through Objective, not TrainingArgs.")
+        # forward does not use (and inference does); ours is in the objective.
+        raise ValueError("Pass grad_checkpoint through the objective, not TrainingArgs.")
     mx.random.seed(seed)
     with _plain_progress_off_a_terminal():
         mlx_lm_train(
@@ -109,8 +115,8 @@ def train(
             list(train_set),
             list(valid_set) or None,
             args=args,
-            loss=make_loss(objective),
-            iterate_batches=BatchIterator(model, pad_id, objective, seed, pad_to),
+            loss=loss,
+            iterate_batches=batches,
             training_callback=callback,
         )
 
