@@ -172,6 +172,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", required=True, help="Checkpoint folder (base or fine-tuned).")
+    p.add_argument("--adapter-path", help="An adapter folder (lora's or distill's) to apply.")
     p.add_argument("--puzzles", help="CSV with puzzle,solution columns [default: built-in 6].")
     p.add_argument("--limit", type=int, default=None, help="Use the first N puzzles.")
     p.add_argument(
@@ -220,7 +221,7 @@ def main(argv=None):
             raise ValueError(f"--set {sorted(unknown)[0]}: not a sampler setting.")
         DiffusionConfig().replace(**settings)  # a bad value fails here, with its reason
         puzzles = S.load_puzzles(args.puzzles, args.limit) if args.puzzles else list(S.PUZZLES)
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {str(e).splitlines()[0]}")
     puzzles = puzzles[: args.limit]

@@ -100,18 +100,25 @@ def draw_steps(runs: Sequence[Trajectory], rng, obj: Certainty, config) -> StepD
     )
 
 
-def certainty_terms(model, batch: Batch, draws: StepDraws, obj: Certainty):
-    """(decoder CE, certainty term, encoder CE, decoder positions)."""
-    C, gc = model.args.canvas_length, obj.grad_checkpoint
-    kvs, enc_logits = encoder_pass(model, batch.tokens, gc)
+def student_logits(model, batch: Batch, draws: StepDraws, grad_checkpoint: bool = False):
+    """(decoder logits (B, C, V), the teacher's canvas (B, C), encoder logits): the
+    student at the drawn steps, self-conditioned as the sampler conditions it."""
+    C = model.args.canvas_length
+    kvs, enc_logits = encoder_pass(model, batch.tokens, grad_checkpoint)
     start = canvas_start(batch, draws.canvas, C)
     target = mx.take_along_axis(batch.tokens, start[:, None] + mx.arange(C)[None], axis=1)
-    first = decoder_pass(model, draws.prev, start, kvs, None, gc)
+    first = decoder_pass(model, draws.prev, start, kvs, None, grad_checkpoint)
     probs = mx.softmax(mx.stop_gradient(first) / draws.prev_temp[:, None, None], axis=-1)
     soft = model.self_conditioning_embeddings(probs)
     # No conditioning at a canvas's first step: exactly zero, as the sampler's None.
     soft = soft * draws.has_prev[:, None, None].astype(soft.dtype)
-    logits = decoder_pass(model, draws.x, start, kvs, soft, gc)
+    logits = decoder_pass(model, draws.x, start, kvs, soft, grad_checkpoint)
+    return logits, target, enc_logits
+
+
+def certainty_terms(model, batch: Batch, draws: StepDraws, obj: Certainty):
+    """(decoder CE, certainty term, encoder CE, decoder positions)."""
+    logits, target, enc_logits = student_logits(model, batch, draws, obj.grad_checkpoint)
     ce = nn.losses.cross_entropy(logits, target).mean()
     scaled = logits / draws.temp[:, None, None]
     logp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
