@@ -1,7 +1,7 @@
 """Few-step distillation on the shipped Sudoku toy: distill, then base vs student per budget.
 
     . ../shared/tools/cpu_openblas_env.sh   # float32 matmuls through OpenBLAS (PERFORMANCE.md)
-    python -m benchmarks.distill_toys --out /tmp/distill_sudoku [--iters 600] [--max-steps 2]
+    python -m benchmarks.distill_toys --out /tmp/distill_sudoku [--iters 1000] [--max-steps 48]
 
 Prompts: `--train-puzzles` new 6x6 puzzles (and 64 for validation), generated with seeds
 the toy's training and test sets do not use, as `{"prompt": DIGITS}` records (the toy's
@@ -46,11 +46,11 @@ def evaluate(adapter, limit: int):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="work folder (data, adapter)")
-    p.add_argument("--iters", type=int, default=600)
-    p.add_argument("--max-steps", type=int, default=2)
+    p.add_argument("--iters", type=int, default=1000)
+    p.add_argument("--max-steps", type=int, default=48, help="48: every teacher step")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=2e-4)
-    p.add_argument("--certainty-weight", type=float, default=1.0)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--certainty-weight", type=float, default=2.0)
     p.add_argument("--train-puzzles", type=int, default=2000)
     p.add_argument("--limit", type=int, default=100, help="test puzzles")
     p.add_argument("--seed", type=int, default=1001, help="seed of the generated prompts")

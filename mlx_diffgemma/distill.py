@@ -41,7 +41,12 @@ _DATA = ("--data", str, "Folder with train.jsonl (and valid.jsonl) of prompts.")
 _FLAGS = [_DATA if f[0] == "--data" else f for f in LORA_FLAGS if f[0] in _LORA_KEPT] + [
     ("--teacher", str, "The teacher's model folder or hub repo [the --model itself]."),
     ("--teacher-adapter-path", str, "An adapter applied to the teacher (frozen)."),
-    ("--max-steps", int, "Denoising steps per canvas the student should need at most [2]."),
+    (
+        "--max-steps",
+        int,
+        "Train on the inputs of the teacher's first K steps per canvas, the steps the "
+        "student should need at most; K >= the teacher's steps uses them all [2].",
+    ),
     ("--certainty-weight", float, "Weight of the certainty-forcing entropy term [1.0]."),
     ("--teacher-batch-size", int, "Prompts the teacher generates at once [64]."),
 ]
