@@ -300,6 +300,16 @@ class Tokenizer:
         """A fresh streaming detokenizer (see `StreamingDetokenizer`)."""
         return StreamingDetokenizer(self, skip_special_tokens)
 
+    @property
+    def has_gemma4_markers(self) -> bool:
+        """The vocabulary holds the built-in chat format's turn markers as tokens."""
+        return all(self._backend.token_to_id(m) is not None for m in ("<|turn>", "<turn|>"))
+
+    def unknown_ids(self, ids: Sequence[int]) -> List[int]:
+        """Positions in `ids` of the unknown token (text the vocabulary cannot hold)."""
+        unk = self._backend.token_to_id(self._special.get("unk_token", "<unk>"))
+        return [i for i, t in enumerate(ids) if unk is not None and t == unk]
+
     def apply_chat_template(
         self,
         messages: List[dict],
@@ -310,7 +320,10 @@ class Tokenizer:
         """Render a conversation as a prompt.
 
         The checkpoint's Jinja template is used when it has one (rendered as transformers
-        does); otherwise the built-in Gemma 4 format (`render_gemma4_chat`).
+        does); otherwise the built-in Gemma 4 format (`render_gemma4_chat`) when the
+        vocabulary holds its markers; otherwise raw text: BOS + the messages' text (as
+        mlx-lm renders a prompt without a template). The generate command, the server,
+        `lora` and `distill` all render through here.
 
         Args:
             messages: dicts with `role` (system, user, assistant or model) and `content`.
@@ -333,10 +346,12 @@ class Tokenizer:
                 enable_thinking=enable_thinking,
                 **self._special,
             )
-        else:
+        elif self.has_gemma4_markers:
             text = render_gemma4_chat(
                 messages, add_generation_prompt, enable_thinking, self.bos_token
             )
+        else:  # no template, no Gemma 4 markers: raw text after BOS, as mlx-lm does
+            text = self.bos_token + "\n\n".join(_content(m) for m in messages)
         if not tokenize:
             return text
         return self.encode_rendered(text)

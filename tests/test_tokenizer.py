@@ -368,3 +368,30 @@ def test_tokenizer_json_without_bos(tmp_path):
     tiny_tokenizer_json(tmp_path, with_bos=False)
     with pytest.raises(ValueError, match="bos_token '<bos>' is not in the vocabulary"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_without_template_or_markers_a_prompt_is_raw_text_and_training_refuses_unknowns(
+    tmp_path,
+):
+    from pathlib import Path
+
+    from mlx_diffgemma.tuner.data import example_from_record, prompt_from_record
+
+    toy = Path(__file__).resolve().parents[1] / "examples" / "sudoku_toy"
+    folder = tmp_path / "toy"
+    skip = shutil.ignore_patterns("model.safetensors", "chat_template.jinja", "*.csv")
+    shutil.copytree(toy, folder, ignore=skip)
+    tok = Tokenizer.from_pretrained(folder)  # a 16-symbol vocabulary, no chat template
+    assert not tok.has_gemma4_markers
+    user = [{"role": "user", "content": "0123"}]
+    want = [tok.bos_token_id] + tok.encode("0123")  # raw text after BOS, as mlx-lm
+    assert tok.apply_chat_template(user, add_generation_prompt=True) == want
+    assert prompt_from_record({"prompt": "0123"}, tok) == want
+    assert example_from_record({"prompt": "0123", "completion": "1"}, tok).prompt == want
+    # A template writing a marker this vocabulary lacks: training refuses it in one line.
+    (folder / "chat_template.jinja").write_text("{{ bos_token }}<|turn>{{ messages[0].content }}")
+    tok = Tokenizer.from_pretrained(folder)
+    for parse in (example_from_record, prompt_from_record):
+        with pytest.raises(ValueError, match="unknown token at position 1") as e:
+            parse({"prompt": "0123", "completion": "1"}, tok)
+        assert "\n" not in str(e.value)

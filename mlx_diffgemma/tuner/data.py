@@ -45,6 +45,18 @@ def _end_of_turn(tokenizer) -> int:
     return eos[0]
 
 
+def _checked(prompt: List[int], tokenizer) -> List[int]:
+    """`prompt`, refused where its rendering holds text the vocabulary cannot hold (a chat
+    template's markers, say, that become the unknown token)."""
+    bad = tokenizer.unknown_ids(prompt)
+    if bad:
+        raise ValueError(
+            f"the rendered prompt holds the unknown token at position {bad[0]} (a chat "
+            "template marker or text this vocabulary lacks); fix the chat template or the text"
+        )
+    return prompt
+
+
 def example_from_record(record: dict, tokenizer) -> Example:
     """One jsonl record in chat, completions or text format."""
     if "messages" in record:
@@ -52,12 +64,14 @@ def example_from_record(record: dict, tokenizer) -> Example:
         if not messages or messages[-1].get("role") not in ("assistant", "model"):
             raise ValueError("a chat record must end with an assistant message")
         prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
-        return Example(prompt, tokenizer.encode(messages[-1]["content"]), _end_of_turn(tokenizer))
+        answer = tokenizer.encode(messages[-1]["content"])
+        return Example(_checked(prompt, tokenizer), answer, _end_of_turn(tokenizer))
     if "prompt" in record and "completion" in record:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": record["prompt"]}], add_generation_prompt=True
         )
-        return Example(prompt, tokenizer.encode(record["completion"]), _end_of_turn(tokenizer))
+        answer = tokenizer.encode(record["completion"])
+        return Example(_checked(prompt, tokenizer), answer, _end_of_turn(tokenizer))
     if "text" in record:
         eos = tokenizer.eos_token_ids
         if not eos:
@@ -79,10 +93,12 @@ def prompt_from_record(record: dict, tokenizer) -> List[int]:
             messages = messages[:-1]
         if not messages:
             raise ValueError("a chat record needs a message before the assistant's")
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return _checked(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True), tokenizer
+        )
     if isinstance(record.get("prompt"), str):
         user = [{"role": "user", "content": record["prompt"]}]
-        return tokenizer.apply_chat_template(user, add_generation_prompt=True)
+        return _checked(tokenizer.apply_chat_template(user, add_generation_prompt=True), tokenizer)
     raise ValueError(
         f"no prompt in a record with keys {sorted(record)}; use 'messages' (chat) or "
         "'prompt' (completions)"
