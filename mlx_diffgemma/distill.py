@@ -24,7 +24,7 @@ import yaml
 from .lora import CONFIG_DEFAULTS as LORA_DEFAULTS
 from .lora import FLAGS as LORA_FLAGS
 from .lora import flag_options, merge_config, start_adapter, training_args
-from .options import CONTEXT_SETTINGS, interrupted_line, run_command
+from .options import CONTEXT_SETTINGS, interrupted_line, one_line, run_command
 from .tuner import trajectories as T
 from .tuner.certainty import Certainty, StepBatches, make_certainty_loss
 from .tuner.data import load_jsonl, prompt_from_record
@@ -100,12 +100,13 @@ def _trajectories(args, teacher, config, prompts):
     """{train, valid} teacher trajectories, from the cache when it has them."""
     C = teacher.args.canvas_length
     folder = Path(args.adapter_path) / "trajectories"
+    teacher_id = _teacher_id(args)
     out = {}
     for split, rows in prompts.items():
         if not rows:
             out[split] = []
             continue
-        key = T.cache_key(_teacher_id(args), rows, config, args.seed)
+        key = T.cache_key(teacher_id, rows, config, args.seed)
         path = folder / f"{split}-{key}.npz"
         runs = T.load(path, C)
         if runs is None:
@@ -133,7 +134,9 @@ def run(args) -> None:
     teacher, tokenizer = load(args.teacher or args.model, adapter_path=args.teacher_adapter_path)
     config = resolve_config(teacher)
     prompts = _prompts(Path(args.data), tokenizer)
-    student, _ = load(args.model)
+    # Lazy: the student's weights are read when training first uses them, after the
+    # teacher is freed, so the two models are never in memory together.
+    student, _ = load(args.model, lazy=True)
     _check_teacher(teacher, student, args.teacher or args.model)
     data = _trajectories(args, teacher, config, prompts)
     del teacher  # only its trajectories are needed from here on
@@ -162,7 +165,7 @@ def distill_command(**params):
     try:
         run(merge_config(params, CONFIG_DEFAULTS))
     except (OSError, ValueError, KeyError, json.JSONDecodeError, yaml.YAMLError) as e:
-        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        sys.exit(f"error: {one_line(e)}")
     except KeyboardInterrupt:
         sys.exit(interrupted_line())
 

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, save_config
 
 from .loader import get_model_path, load_model, read_config
-from .options import CONTEXT_SETTINGS, interrupted_line, run_command
+from .options import CONTEXT_SETTINGS, interrupted_line, one_line, run_command
 from .tuner.adapters import check_adapter_weights, fuse_adapters, load_adapters
 from .tuner.init import init_model
 
@@ -78,7 +78,7 @@ def fuse_command(model, adapter_path, save_path, dequantize):
     try:
         out = fuse(model, adapter_path, save_path, dequantize)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        sys.exit(f"error: {one_line(e)}")
     except KeyboardInterrupt:
         sys.exit(interrupted_line())
     print(f"Fused model saved to {out}")

@@ -22,7 +22,7 @@ import yaml
 from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.utils import save_config
 
-from .options import CONTEXT_SETTINGS, interrupted_line, run_command
+from .options import CONTEXT_SETTINGS, interrupted_line, one_line, run_command
 from .tuner import adapters as A
 from .tuner.data import check_lengths, load_dataset
 from .tuner.init import init_model, read_init_config
@@ -261,7 +261,7 @@ def lora_command(**params):
     try:
         run(merge_config(params, CONFIG_DEFAULTS))
     except (OSError, ValueError, KeyError, json.JSONDecodeError, yaml.YAMLError) as e:
-        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        sys.exit(f"error: {one_line(e)}")
     except KeyboardInterrupt:  # as every command ends: one line, status 130
         sys.exit(interrupted_line())
 

@@ -172,8 +172,8 @@ def one_line(e: BaseException) -> str:
 
 
 def interrupted_line() -> int:
-    """Print the line Ctrl-C ends a command with; the exit status to end it with (argparse
-    entry points, which end with `sys.exit(interrupted_line())`)."""
+    """Print the line Ctrl-C ends a command with; the exit status to end it with (the
+    commands that end with `sys.exit(interrupted_line())`: lora, distill, fuse)."""
     print(("\n" if sys.stderr.isatty() else "") + "Interrupted.", file=sys.stderr)
     return INTERRUPTED
 
