@@ -57,7 +57,6 @@ FAST_VARIANTS = {
     "confidence": {**_OFF, "commit_rule": "confidence"},
     "canvas_shrink": {**_OFF, "canvas_shrink": 64},
     "repair": {**_OFF, "repair": 1},
-    "eos_tail_cut": {**_OFF, "monotone_commit": True, "eos_tail_cut": True},
     "commit_argmax": {**_OFF, "monotone_commit": True, "commit_argmax": True},
     "commit_stable": {**_OFF, "monotone_commit": True, "commit_stable": True},
     "fast+monotone": _M,

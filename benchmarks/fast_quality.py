@@ -42,14 +42,12 @@ SETTINGS = {
     "commit_rule=confidence": {**OFF, "commit_rule": "confidence"},
     "canvas_shrink=64": {**OFF, "canvas_shrink": 64},
     "repair=1": {**OFF, "repair": 1},
-    "monotone + eos_tail_cut": {**OFF, "monotone_commit": True, "eos_tail_cut": True},
     "monotone + commit_argmax": {**OFF, "monotone_commit": True, "commit_argmax": True},
     "monotone + commit_stable": {**OFF, "monotone_commit": True, "commit_stable": True},
     "fast (default)": {"mode": "fast"},
     "fast + confidence": {"mode": "fast", "commit_rule": "confidence"},
     "fast + monotone (M)": M,
     "M + confidence": {**M, "commit_rule": "confidence"},
-    "M + eos_tail_cut": {**M, "eos_tail_cut": True},
     "M + commit_argmax": {**M, "commit_argmax": True},
     "M + commit_stable": {**M, "commit_stable": True},
     "M + stable + argmax": {**M, "commit_stable": True, "commit_argmax": True},
@@ -147,11 +145,14 @@ def evaluate(path: Path, a):
         f"seed {a.seed}, k {a.k}"
     )
     print(f"{'setting':28} {'metric':34} {'fwd/canvas':>10} {'pos/canvas':>10} {'wall s':>7}")
-    reference = None
-    for name, kw in settings(a.k).items():
-        if a.only and name not in a.only:
+    reference, points = None, []
+    rows = [(name, kw, a.steps) for name, kw in settings(a.k).items()]
+    # Exact mode's own budgets come right after it: a setting that only ties one adds nothing.
+    rows[1:1] = [(f"exact, step cap {n}", {}, n) for n in a.caps or ()]
+    for name, kw, steps in rows:
+        if a.only and name not in a.only and not name.startswith("exact, step cap"):
             continue
-        config = resolve_config(model, max_denoising_steps=a.steps, **kw)
+        config = resolve_config(model, max_denoising_steps=steps, **kw)
         if puzzles is None and completions is None:
             config = config.replace(eos_token_id=())
         tic = time.perf_counter()
@@ -166,6 +167,9 @@ def evaluate(path: Path, a):
             metric = {"agree": mx.mean(tokens == reference).item()}
         text = ", ".join(f"{k} {v:.3f}" for k, v in metric.items())
         print(f"{name:28} {text:34} {fwd:10.2f} {pos:10.1f} {wall:7.1f}", flush=True)
+        points.append((name, next(iter(metric.values())), fwd, pos))
+    if puzzles is not None or completions is not None:
+        print("Pareto front (metric up, forwards and positions down):", "; ".join(front(points)))
     for peer in a.peer or ():
         tic = time.perf_counter()
         tokens, fwd = run_peer(peer, a.peer_checkpoint, prompts, resolve_config(model), a)
@@ -178,6 +182,22 @@ def evaluate(path: Path, a):
             raise SystemExit("--peer needs a task: --data or a Sudoku folder.")
         text = ", ".join(f"{k} {v:.3f}" for k, v in metric.items())
         print(f"{peer:28} {text:34} {fwd:10.2f} {'-':>10} {wall:7.1f}", flush=True)
+
+
+def front(points):
+    """Names of the (name, metric, forwards, positions) points no other point dominates:
+    at least as good on all three (rounded as printed) and better on one, or tied and
+    listed earlier (a simpler setting: exact, its step caps, then each setting alone)."""
+
+    def key(p):
+        return (round(p[1], 3), -round(p[2], 2), -round(p[3], 1))
+
+    def dominates(i, j):
+        q, p = key(points[i]), key(points[j])
+        return all(a >= b for a, b in zip(q, p)) and (q != p or i < j)
+
+    n = range(len(points))
+    return [points[j][0] for j in n if not any(dominates(i, j) for i in n if i != j)]
 
 
 def run_peer(peer: str, path: Path, prompts, config, a):
@@ -214,6 +234,11 @@ def main():
     p.add_argument("--k", type=int, default=64, help="k of top_k and self_conditioning_top_k")
     p.add_argument("--data", type=Path, help="completions-format test .jsonl to score")
     p.add_argument("--only", type=lambda s: s.split(","), help="comma-separated setting names")
+    p.add_argument(
+        "--caps",
+        type=lambda s: [int(n) for n in s.split(",")],
+        help="also exact mode at these step caps (e.g. 2,3,4): budgets on the same front",
+    )
     p.add_argument(
         "--peer",
         action="append",

@@ -61,13 +61,12 @@ def logits(model, prompt, canvas):
     return model.denoise(mx.array([canvas]), cache)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=None, help="Work folder [a temporary one].")
-    p.add_argument("--base-iters", type=int, default=400)
-    p.add_argument("--lora-iters", type=int, default=300)
-    args = p.parse_args(argv)
-    out = Path(args.out or tempfile.mkdtemp())
+COMMON = ["--batch-size", "16", "--steps-per-report", "100", "--steps-per-eval", "1000000"]
+COMMON += ["--save-every", "1000000", "--val-batches", "1"]
+
+
+def train_base(out: Path, iters: int) -> Path:
+    """Step 1: the "add 1" toy, trained from scratch; returns its fused folder."""
     tok = out / "tokenizer"
     toy.build_char_tokenizer(tok, ALPHABET)
     toy.write_generation_config(tok, max_new_tokens=8, max_denoising_steps=8)
@@ -76,44 +75,26 @@ def main(argv=None):
         json.dumps(toy.tiny_config(16, 8, hidden_size=64, num_hidden_layers=2))
     )
     write_data(out / "data_base", 1, 0)
-    write_data(out / "data_new", 3, 100)
-    common = [
-        "--batch-size",
-        "16",
-        "--steps-per-report",
-        "100",
-        "--steps-per-eval",
-        "1000000",
-        "--save-every",
-        "1000000",
-        "--val-batches",
-        "1",
-    ]
-    tic = time.perf_counter()
     lora.main(
-        [
-            "--model",
-            str(tok),
-            "--init-config",
-            str(out / "tiny.json"),
-            "--train",
-            "--fine-tune-type",
-            "full",
-            "--num-layers",
-            "-1",
-            "--data",
-            str(out / "data_base"),
-            "--iters",
-            str(args.base_iters),
-            "--learning-rate",
-            "1e-2",
-            "--adapter-path",
-            str(out / "base_run"),
-            *common,
-        ]
+        ["--model", str(tok), "--init-config", str(out / "tiny.json"), "--train"]
+        + ["--fine-tune-type", "full", "--num-layers", "-1", "--data", str(out / "data_base")]
+        + ["--iters", str(iters), "--learning-rate", "1e-2"]
+        + ["--adapter-path", str(out / "base_run"), *COMMON]
     )
-    base = fuse.fuse(tok, out / "base_run", out / "base")
+    return fuse.fuse(tok, out / "base_run", out / "base")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="Work folder [a temporary one].")
+    p.add_argument("--base-iters", type=int, default=400)
+    p.add_argument("--lora-iters", type=int, default=300)
+    args = p.parse_args(argv)
+    out = Path(args.out or tempfile.mkdtemp())
+    tic = time.perf_counter()
+    base = train_base(out, args.base_iters)
     base_s = time.perf_counter() - tic
+    write_data(out / "data_new", 3, 100)
     tic = time.perf_counter()
     lora.main(
         [
@@ -130,7 +111,7 @@ def main(argv=None):
             "-1",
             "--adapter-path",
             str(out / "adapter"),
-            *common,
+            *COMMON,
         ]
     )
     lora_s = time.perf_counter() - tic

@@ -229,8 +229,6 @@ def ineffective_settings(config: DiffusionConfig) -> Dict[str, str]:
         out["commit_threshold"] = "only the confidence commit rule uses it"
     else:
         out["entropy_bound"] = "the confidence commit rule does not use it"
-    if fast.eos_tail_cut and not config.eos_token_id:
-        out["eos_tail_cut"] = "no eos_token_id is set, so no EOS is ever committed"
     return out
 
 

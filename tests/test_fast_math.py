@@ -74,29 +74,6 @@ def test_confidence_rule_accepts_confident_positions_and_at_least_one():
     )
 
 
-def test_eos_tail_cut_fixes_pad_after_a_committed_eos():
-    eos, pad = mx.array([1, 7]), 0
-    fixed = mx.array([[True, True, False, False], [False, True, False, False], [True] * 4])
-    ids = mx.array([[5, 1, 0, 0], [0, 3, 0, 0], [5, 7, 6, 6]])
-    state = _state(fixed)._replace(
-        canvas=mx.array([[5, 1, 9, 9], [9, 3, 1, 9], [5, 7, 6, 6]]),
-        argmax=mx.array([[5, 1, 8, 8], [8, 3, 1, 8], [5, 7, 6, 6]]),
-        fixed_ids=ids,
-        done=mx.array([False, False, True]),
-    )
-    out = S.cut_eos_tail(state, eos, pad)
-    # Row 0: committed EOS at 1, the tail is fixed pad and the row stops; row 1: its EOS
-    # is only sampled (not committed), nothing changes; row 2 had stopped already.
-    assert out.canvas.tolist() == [[5, 1, 0, 0], [9, 3, 1, 9], [5, 7, 6, 6]]
-    assert out.fixed.tolist() == [[True] * 4, [False, True, False, False], [True] * 4]
-    assert out.fixed_ids.tolist()[0] == [5, 1, 0, 0] and out.argmax.tolist()[0] == [5, 1, 0, 0]
-    assert out.done.tolist() == [True, False, True]
-    with pytest.raises(ValueError, match="eos_tail_cut=True needs monotone_commit=True"):
-        DiffusionConfig().replace(mode="fast", monotone_commit=False, eos_tail_cut=True)
-    with pytest.raises(ValueError, match="eos_tail_cut=True is a fast-mode approximation"):
-        DiffusionConfig().replace(eos_tail_cut=True)
-
-
 def test_commit_argmax_and_commit_stable_choose_what_is_committed():
     fixed = mx.zeros((1, 4), dtype=mx.bool_)
     state = _state(fixed)._replace(canvas=mx.array([[5, 6, 7, 8]]), argmax=mx.array([[1, 6, 3, 8]]))

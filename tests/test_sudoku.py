@@ -226,3 +226,25 @@ def test_readme_sudoku_table_command_matches_its_puzzles():
     counts = {h: sum(hardness(q) == h for q, _ in puzzles) for h in ("easy", "medium", "hard")}
     stated = "{easy} easy,\n  {medium} medium, {hard} hard".format(**counts)
     assert stated in readme, counts
+
+
+def test_the_shipped_distilled_adapter_solves_in_fewer_forwards():
+    """examples/sudoku_toy_distilled (docs/FINE_TUNING.md) is an adapter of the shipped
+    toy: on the first 10 test puzzles (clamped, seeds 0..9) it solves at least as many as
+    the base in fewer decoder forwards per canvas."""
+    from mlx_diffgemma import load
+    from mlx_diffgemma.tasks.sudoku import load_puzzles, score, solve
+
+    toy = REPO / "examples" / "sudoku_toy"
+    puzzles = load_puzzles(toy / "test.csv", limit=10)
+    results = {}
+    for adapter in (None, REPO / "examples" / "sudoku_toy_distilled"):
+        model, tok = load(str(toy), adapter_path=adapter and str(adapter))
+        solved = forwards = 0
+        for i, (puzzle, solution) in enumerate(puzzles):
+            text, r = solve(model, tok, puzzle, style="toy", digits_only=True, seed=i)
+            solved += score(text, puzzle, solution).exact
+            forwards += r.decoder_forwards
+        results[adapter is not None] = (solved, forwards)
+    (base_solved, base_fwd), (student_solved, student_fwd) = results[False], results[True]
+    assert student_solved >= base_solved and student_fwd < base_fwd, results

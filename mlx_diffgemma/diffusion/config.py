@@ -79,12 +79,6 @@ class FastSettings:
         "count",
         "with no layout, a last canvas past max_tokens has max(N, tokens left) positions; 0: off.",
     )
-    eos_tail_cut: bool = _setting(
-        False,
-        "bool",
-        "positions after a committed EOS are fixed at pad.",
-        needs=((_MONOTONE, "it cuts after a committed EOS"),),
-    )
     compact: bool = _setting(
         False,
         "bool",
@@ -251,6 +245,13 @@ class DiffusionConfig:
         fast mode (this config's or the `mode` given).
         """
         settings = {k: v for k, v in settings.items() if v is not None}
+        known = {f.name for f in dataclasses.fields(self)} - {"fast"}
+        unknown = sorted(set(settings) - known - set(FAST_SETTINGS))
+        if unknown:
+            raise ValueError(
+                f"Unknown sampler setting {unknown[0]!r}; the settings are "
+                f"{', '.join(sorted(known | set(FAST_SETTINGS)))}."
+            )
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r}).")
         fast = {k: settings.pop(k) for k in FAST_SETTINGS if k in settings}

@@ -1,8 +1,8 @@
 """Fast mode's loops: the exact loop (`loop.py`) with approximations, chosen once.
 
 `FastLoop` owns what fast mode changes in a step (`FastSettings`): top-k statistics and
-gathered self-conditioning (`topk.py`), monotone commit (with argmax or stable commits
-and the EOS tail cut), the shorter last canvas, and the repair and reopen passes after a
+gathered self-conditioning (`topk.py`), monotone commit (with argmax or stable
+commits), the shorter last canvas, and the repair and reopen passes after a
 canvas stops. `CompactLoop` adds active-set compaction: after a canvas's first step the
 decoder runs only on the positions still undecided. Each is an approximation of
 transformers' sampler (FastSettings says how).
@@ -124,15 +124,13 @@ class FastLoop(DenoisingLoop):
         return self.model.gathered_self_conditioning(ids, weights)
 
     def step(self, state: S.StepState, logits, allowed, n: int):
-        """The exact step, then monotone commit and the EOS tail cut."""
+        """The exact step, then monotone commit."""
         f = self.fast
         previous = state.argmax if f.commit_stable else None
         state, accepted = super().step(state, logits, allowed, n)
         with mx.stream(self.stream):
             if f.monotone_commit:
                 state = S.commit(state, accepted, f.commit_argmax, previous)
-            if f.eos_tail_cut and self.eos.size:
-                state = S.cut_eos_tail(state, self.eos, self.config.pad_token_id)
         return state, accepted
 
     def full_forward(self, state: S.StepState, cache) -> mx.array:

@@ -232,29 +232,6 @@ def commit(
     )
 
 
-def cut_eos_tail(state: StepState, eos_ids: mx.array, pad_id: int) -> StepState:
-    """EOS tail cut (fast mode, after `commit`): every position after a row's first
-    committed EOS becomes fixed at `pad_id`, in the canvas and the draft.
-
-    The output is unchanged where the committed EOS stays the draft's first EOS (the
-    loop pads after it anyway), but the model now sees pad there instead of noise, those
-    positions use none of the entropy bound, and a row stops once everything before its
-    EOS is decided: so it changes the sampler's semantics. Rows that stopped are unchanged.
-    """
-    eos = state.fixed & mx.any(state.fixed_ids[..., None] == eos_ids, axis=-1)
-    seen = mx.cumsum(eos.astype(mx.int32), axis=-1)
-    tail = ((seen - eos.astype(mx.int32)) > 0) & ~state.done[:, None]
-    pad = mx.array(pad_id, dtype=state.canvas.dtype)
-    fixed = state.fixed | tail
-    return state._replace(
-        canvas=mx.where(tail, pad, state.canvas),
-        argmax=mx.where(tail, pad, state.argmax),
-        done=state.done | mx.all(fixed, axis=-1),
-        fixed=fixed,
-        fixed_ids=mx.where(tail, pad.astype(state.fixed_ids.dtype), state.fixed_ids),
-    )
-
-
 def scatter_proposal(
     proposal: Proposal, positions: mx.array, state: StepState, conditioning: mx.array
 ) -> Proposal:
