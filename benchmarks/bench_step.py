@@ -77,8 +77,11 @@ def steps(model, cache, k: int):
     return {"exact": timed(exact), "fast": timed(fast), "repair": repair()}, compacted
 
 
-def time_step(fn, repeats: int) -> float:
-    mx.eval(fn())  # compile and first-call costs
+def time_step(fn, repeats: int, warm: bool = True) -> float:
+    """Median seconds of `fn` (evaluated), after one warm-up call (compile and first-call
+    costs) unless `warm` is False."""
+    if warm:
+        mx.eval(fn())
     times = []
     for _ in range(repeats):
         tic = time.perf_counter()

@@ -58,10 +58,6 @@ SETTINGS = {
     "M + compact + repair": {**M, "compact": True, "repair": 1},
     "M + stable + repair": {**M, "commit_stable": True, "repair": 1},
     "M + stable + compact + repair": {**M, "commit_stable": True, "compact": True, "repair": 1},
-    "M + reopen (repair=2)": {**M, "repair": 2, "reopen": True},
-    "M + reopen (repair=4)": {**M, "repair": 4, "reopen": True},
-    "M + stable + reopen (2)": {**M, "commit_stable": True, "repair": 2, "reopen": True},
-    "M + compact + reopen (4)": {**M, "compact": True, "repair": 4, "reopen": True},
 }
 
 

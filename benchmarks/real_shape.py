@@ -32,7 +32,6 @@ CPU's quantized kernels are scalar, so the head weighs more here than on a GPU).
 
 import argparse
 import json
-import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -41,6 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from benchmarks.bench_step import time_step as timed
 from mlx_diffgemma import DiffusionConfig
 from mlx_diffgemma.convert import quantization_plan
 from mlx_diffgemma.diffusion import sampler as S
@@ -50,18 +50,6 @@ from mlx_diffgemma.model import Model, ModelArgs, embed_scaled
 
 SLIDING, FULL = 25, 5  # the release's 30 layers: every sixth is full attention
 K = 64  # fast mode's default top_k and self_conditioning_top_k
-
-
-def timed(fn, repeats: int, warm: bool = True) -> float:
-    """Median seconds of `fn` (evaluated), after one warm-up call unless `warm` is False."""
-    if warm:
-        mx.eval(fn())
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
 
 
 def release_model(experts: int, bits: int, vocab_size: int) -> Model:

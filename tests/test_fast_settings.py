@@ -79,7 +79,7 @@ def test_every_fast_setting_is_a_flag_and_a_request_field_from_one_table():
     assert list(FAST_SETTINGS) == names
     assert [SAMPLER_FLAGS["--" + n.replace("_", "-")] for n in names] == names
     assert set(names) <= {p.name for p in generate_command.params}
-    given = {"top_k": 16, "monotone_commit": True, "repair": 2, "reopen": True}
+    given = {"top_k": 16, "monotone_commit": True, "repair": 2, "commit_stable": True}
     body = {"messages": [{"role": "user", "content": "x"}], "mode": "fast", **given}
     assert parse_chat(body).fast_settings == given
     fast = DiffusionConfig().replace(mode="fast", **given).fast

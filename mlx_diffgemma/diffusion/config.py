@@ -96,16 +96,6 @@ class FastSettings:
         "is the new draft (mlx-vlm turbo's repair pass); 0: off.",
         on="repair >= 1",
     )
-    reopen: bool = _setting(
-        False,
-        "bool",
-        "a repair pass reopens the committed tokens it changes and denoising goes on; "
-        "the canvas ends when a pass changes nothing.",
-        needs=(
-            (_MONOTONE, "it reopens committed positions"),
-            (("repair",), "the passes that may reopen"),
-        ),
-    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

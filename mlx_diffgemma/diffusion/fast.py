@@ -2,8 +2,8 @@
 
 `FastLoop` owns what fast mode changes in a step (`FastSettings`): top-k statistics and
 gathered self-conditioning (`topk.py`), monotone commit (with argmax or stable
-commits), the shorter last canvas, and the repair and reopen passes after a
-canvas stops. `CompactLoop` adds active-set compaction: after a canvas's first step the
+commits), the shorter last canvas, and the repair passes after a canvas
+stops. `CompactLoop` adds active-set compaction: after a canvas's first step the
 decoder runs only on the positions still undecided. Each is an approximation of
 transformers' sampler (FastSettings says how).
 """
@@ -53,13 +53,12 @@ class FastLoop(DenoisingLoop):
 
     def canvas(self, block: int, plan: CanvasPlan, cache, drafts: bool):
         """The exact loop's canvas, with a late forward (compaction) and the repair
-        passes once the canvas stops: each may reopen it (reopen) or give the draft."""
+        passes once the canvas stops: each one's argmax is the new draft."""
         encode_s = self.encode_last(cache)
         tic = time.perf_counter()
         state = self.start(plan)
         logits = self.first_forward(state, cache)
         N = n = self.config.max_denoising_steps  # n: steps left
-        repairs = self.fast.repair  # passes left
         while n > 0:
             state, accepted = self.step(state, logits, plan.allowed, n)
             mx.async_eval(state.canvas, state.argmax, state.conditioning, state.done, self.forwards)
@@ -69,17 +68,11 @@ class FastLoop(DenoisingLoop):
                 yield DenoiseStep(block, N - n + 1, state.argmax, accepted, state.canvas)
             end = self.sync(state)
             n -= 1
-            if end.stop and self.fast.reopen and repairs and n > 0:
-                repairs -= 1
-                state, logits, reopened = self.reopen(state, plan, cache)
-                if not reopened:  # the pass agrees with every committed token
-                    repairs = 0
-                    break
-            elif end.stop:
+            if end.stop:
                 break
-            elif n > 0:
+            if n > 0:
                 logits = self.late_forward(state, cache, end, logits)
-        for _ in range(repairs):
+        for _ in range(self.fast.repair):
             state = self.repair(state, plan, cache)
             end = self.sync(state)
         return self.finish(block, end, N - n, encode_s, tic)
@@ -150,22 +143,6 @@ class FastLoop(DenoisingLoop):
     def repair(self, state: S.StepState, plan: CanvasPlan, cache) -> S.StepState:
         """A repair pass: the argmax of a `full_pass` becomes the draft."""
         return state._replace(argmax=self.full_pass(state, plan, cache)[1])
-
-    def reopen(self, state: S.StepState, plan: CanvasPlan, cache):
-        """A reopening repair pass: committed positions whose argmax a `full_pass`
-        changes are reopened, and the canvas goes on denoising from its logits.
-
-        Returns (state, the logits for the next step, whether any position reopened).
-        """
-        logits, argmax = self.full_pass(state, plan, cache)
-        with mx.stream(self.stream):
-            changed = (argmax != state.argmax) & ~self.finished[:, None]
-            state = state._replace(
-                fixed=state.fixed & ~changed, done=state.done & ~mx.any(changed, axis=-1)
-            )
-            reopened = mx.any(changed)
-        self.step_syncs += 1
-        return state, logits, reopened.item()
 
 
 class CompactLoop(FastLoop):
