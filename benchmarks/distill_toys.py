@@ -33,7 +33,8 @@ from benchmarks import lora_demo, sort_toy
 from benchmarks.fast_quality import exact_metric, run
 from benchmarks.sudoku import sweep
 from benchmarks.sudoku_toy import generate_set
-from mlx_diffgemma import load
+from mlx_diffgemma import DiffusionConfig, load
+from mlx_diffgemma.diffusion.config import read_json
 from mlx_diffgemma.distill import main as distill
 from mlx_diffgemma.generate import resolve_config
 from mlx_diffgemma.tasks import sudoku as S
@@ -48,11 +49,7 @@ def sudoku_rows(n, seed):
 
 
 def sort_rows(n, seed):
-    rng = np.random.default_rng(seed)
-    xs = [rng.integers(0, 10, 48) for _ in range(n)]
-    return [
-        {"prompt": "".join(map(str, x)), "completion": "".join(map(str, np.sort(x)))} for x in xs
-    ]
+    return sort_toy.rows(np.random.default_rng(seed), n)
 
 
 def add1_rows(n, seed):
@@ -115,8 +112,9 @@ def evaluate(toy, path, adapter, data: Path, caps):
 
 
 def default_steps(path: Path) -> int:
-    config = json.loads((Path(path) / "generation_config.json").read_text())
-    return int(config.get("max_denoising_steps", 48))
+    """The checkpoint's default step budget (generation_config.json, else transformers')."""
+    gen = read_json(Path(path) / "generation_config.json")
+    return DiffusionConfig.from_generation_config(gen).max_denoising_steps
 
 
 def parse_args(argv):

@@ -9,7 +9,8 @@ of 704, top-8, vocabulary 262,144, canvas 256) but two layers, one sliding and o
 attention, random weights quantized with the converter's mixed recipe (`quant_predicate`:
 experts and self-conditioning at 4 bits, embedding, attention, dense MLP and router at 8),
 after a prefill of `--cache` random tokens. Random routing is close to uniform, the worst
-case for expert reuse. Timed apart (median of `--repeats`, after one warm-up call):
+case for expert reuse. Timed apart (median of `--repeats` after one warm-up call; the head
+and the exact self-conditioning product, plain matmuls and the slowest parts, once):
 
 - each layer kind at each width: the full canvas through `DecoderLayer` (exact and fast
   default) and, below 256, `DecoderLayer.denoise_active` on that many positions with the
@@ -17,13 +18,11 @@ case for expert reuse. Timed apart (median of `--repeats`, after one warm-up cal
 - the head (final norm + tied 8-bit embedding, the width's rows), the self-conditioning
   product (exact: probabilities [C, V] @ E; fast: `gathered_self_conditioning`, k = 64)
   and the sampler (`loop.step` on given logits: exact's full-vocabulary statistics, fast
-  mode's top-64);
-- the whole two-layer step with the public loop classes (`bench_step.steps`), so
-  `step - both layers` is what the layers leave (embedding, self-conditioning, head,
-  sampler) and checks the parts.
+  mode's top-64), and the input (embedding + self-conditioning MLP).
 
-Projection: a 30-layer step (25 sliding + 5 full) = the two-layer step + 24 sliding + 4
-full layers at the same width. Each `--run NAME=ROW:FORWARDS[:FRACTION]` (ROW: exact, fast
+Projection: a 30-layer step (25 sliding + 5 full) = 25 sliding + 5 full layers + input +
+self-conditioning + head + sampler, at each width (exact: its own product and sampler;
+fast and compacted widths: fast mode's). Each `--run NAME=ROW:FORWARDS[:FRACTION]` (ROW: exact, fast
 or compact; FRACTION: the share of canvas positions a compacted run forwards, from
 `fast_quality`'s pos / (fwd x canvas)) becomes a tok/s ratio vs the first run: forwards x
 projected step, the compacted step interpolated in width. Timings are this machine's (the

@@ -28,19 +28,20 @@ TEMPLATE = (
 )
 
 
+def rows(rng, n: int, digits: int = 48):
+    """n completions records: random digits, and the same digits sorted."""
+    xs = [rng.integers(0, 10, digits) for _ in range(n)]
+    return [
+        {"prompt": "".join(map(str, x)), "completion": "".join(map(str, np.sort(x)))} for x in xs
+    ]
+
+
 def write_data(folder: Path, digits: int, seed: int, train: int):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for name, n in (("train", train), ("valid", 64), ("test", 100)):
-        rows = []
-        for _ in range(n):
-            x = rng.integers(0, 10, digits)
-            rows.append(
-                json.dumps(
-                    {"prompt": "".join(map(str, x)), "completion": "".join(map(str, np.sort(x)))}
-                )
-            )
-        (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+        lines = [json.dumps(r) for r in rows(rng, n, digits)]
+        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):
