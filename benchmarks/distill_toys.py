@@ -9,16 +9,20 @@ Toys: `sudoku`, the shipped `examples/sudoku_toy`; `sort` (sort 48 digits, canva
 `add1` (add 1 to 4 digits, canvas 8), trained from scratch into OUT/base first when
 `--base` does not name a trained folder (`benchmarks/sort_toy.py`, `lora_demo.py`).
 `--base` may also name a fused student: a second round (SDTT's rounds) distills it.
+`--student` starts the student from another model than the teacher (e.g. the base made
+deeper by `grow_depth.py`: more computation per forward, same logits at the start).
 
 Prompts: `--train-puzzles` new inputs (and 64 for validation), drawn with seeds the toys'
 training and test sets do not use, as `{"prompt": ...}` records (each toy's chat template
-renders them as its prompt). The teacher is the base toy itself (exact sampler).
+renders them as its prompt). The teacher is the base toy (exact sampler).
 
 Evaluation, at step caps 1, 2, 3, 4 and the toy's default (adaptive stop): the fraction
 right and the decoder forwards per canvas, for the base and the student. Sudoku: the first
 100 test puzzles of `examples/sudoku_toy/test.csv`, givens clamped, blanks limited to 1-6
 (as docs/FINE_TUNING.md's table), one puzzle at a time with seeds 0..99. Sort and add 1:
-100 unseen inputs, exact match up to EOS, one batch (seed 0).
+100 unseen inputs, exact match up to EOS, one batch (seed 0). `--score-on seen` scores the
+first 100 distillation prompts instead (written with their answers to OUT/data/seen.jsonl):
+how much of a student's gain is memorized prompts rather than the task.
 """
 
 import argparse
@@ -67,10 +71,13 @@ def write_rows(path: Path, rows, prompts_only: bool) -> None:
 
 
 def write_data(folder: Path, toy: str, n_train: int, seed: int) -> None:
-    """Prompts for distillation, and (sort, add 1) the 100 test rows with answers."""
+    """Prompts for distillation, the first 100 of them with answers (seen.jsonl), and
+    (sort, add 1) the 100 test rows with answers."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, n, s in (("train", n_train, seed), ("valid", 64, seed + 1)):
-        write_rows(folder / f"{name}.jsonl", ROWS[toy](n, s), prompts_only=True)
+    train = ROWS[toy](n_train, seed)
+    write_rows(folder / "train.jsonl", train, prompts_only=True)
+    write_rows(folder / "seen.jsonl", train[:100], prompts_only=False)
+    write_rows(folder / "valid.jsonl", ROWS[toy](64, seed + 1), prompts_only=True)
     if toy != "sudoku":  # the tests the toys' own benchmarks score on
         write_rows(folder / "test.jsonl", ROWS[toy](100, 12345 if toy == "add1" else 7), False)
 
@@ -94,14 +101,21 @@ def base_model(toy: str, out: Path, given) -> Path:
     return model
 
 
-def evaluate(toy, path, adapter, data: Path, caps):
-    """{cap: (fraction right, forwards per canvas)}."""
+def sudoku_puzzles(data: Path, split: str):
+    if split == "test":
+        return S.load_puzzles(SUDOKU / "test.csv", 100)
+    rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()]
+    return [(r["prompt"], r["completion"]) for r in rows]
+
+
+def evaluate(toy, path, adapter, data: Path, caps, split="test"):
+    """{cap: (fraction right, forwards per canvas)} on `split` (test or seen)."""
     model, tokenizer = load(str(path), adapter_path=adapter)
     if toy == "sudoku":
-        puzzles = S.load_puzzles(SUDOKU / "test.csv", 100)
+        puzzles = sudoku_puzzles(data, split)
         rows = sweep(model, tokenizer, puzzles, caps, style="toy", digits_only=True)
         return {r["steps"]: (r["metrics"]["all"]["exact"], r["steps_used"]) for r in rows}
-    tests = load_jsonl(data / "test.jsonl", tokenizer)
+    tests = load_jsonl(data / f"{split}.jsonl", tokenizer)
     prompts, answers = [e.prompt for e in tests], [e.answer for e in tests]
     out = {}
     for n in caps:
@@ -125,6 +139,7 @@ def parse_args(argv):
         "--base",
         help="the model to distill [sudoku: the shipped toy; sort, add1: train one in OUT/base]",
     )
+    p.add_argument("--student", help="the student's starting model [the base itself]")
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--max-steps", type=int, default=48, help="48: every teacher step")
     p.add_argument("--batch-size", type=int, default=32)
@@ -133,6 +148,12 @@ def parse_args(argv):
     p.add_argument("--train-puzzles", type=int, default=2000, help="prompts to distill on")
     p.add_argument("--seed", type=int, default=1001, help="seed of the generated prompts")
     p.add_argument("--eval-only", action="store_true", help="evaluate an existing --out")
+    p.add_argument(
+        "--score-on",
+        choices=("test", "seen"),
+        default="test",
+        help="unseen test inputs, or the first 100 distillation prompts [test]",
+    )
     return p.parse_args(argv)
 
 
@@ -140,12 +161,14 @@ def main(argv=None):
     a = parse_args(argv)
     data, adapter = a.out / "data", a.out / "student"
     base = base_model(a.toy, a.out, a.base)
+    student = Path(a.student) if a.student else base
     write_data(data, a.toy, a.train_puzzles, a.seed)
     seconds = None
     if not a.eval_only:
         tic = time.perf_counter()
         distill(
-            ["--model", str(base), "--data", str(data), "--adapter-path", str(adapter)]
+            ["--model", str(student), "--teacher", str(base), "--data", str(data)]
+            + ["--adapter-path", str(adapter)]
             + ["--fine-tune-type", "full", "--num-layers", "-1", "--iters", str(a.iters)]
             + ["--batch-size", str(a.batch_size), "--learning-rate", str(a.learning_rate)]
             + ["--max-steps", str(a.max_steps), "--certainty-weight", str(a.certainty_weight)]
@@ -155,9 +178,12 @@ def main(argv=None):
         seconds = time.perf_counter() - tic
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     caps = CAPS + [default_steps(base)]
-    before = evaluate(a.toy, base, None, data, caps)
-    after = evaluate(a.toy, base, str(adapter), data, caps)
-    print(f"\n{a.toy} toy, {base}; 100 tests; distilled with --max-steps {a.max_steps}")
+    before = evaluate(a.toy, base, None, data, caps, a.score_on)
+    after = evaluate(a.toy, student, str(adapter), data, caps, a.score_on)
+    where = "100 tests" if a.score_on == "test" else "its first 100 distillation prompts"
+    print(f"\n{a.toy} toy, {base}; {where}; distilled with --max-steps {a.max_steps}")
+    if student != base:
+        print(f"student started from {student}")
     print("| step cap | base right | base fwd/canvas | student right | student fwd/canvas |")
     print("|---|---|---|---|---|")
     for n in caps:

@@ -1,6 +1,6 @@
 """When does the exact sampler's draft become the answer, and when does the canvas stop?
 
-    python -m benchmarks.draft_trace [--adapter-path STUDENT] [--limit 100]
+    python -m benchmarks.draft_trace [--model TOY] [--adapter-path STUDENT] [--limit 100]
 
 On the shipped Sudoku toy's first test puzzles (givens clamped, blanks limited to 1-6,
 seeds 0..n-1, as `distill_toys.py` scores them): per denoising step s, the fraction of
@@ -43,10 +43,11 @@ def trace(model, tokenizer, puzzle: str, solution: str, seed: int):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--adapter-path", help="a distilled student of the toy")
+    p.add_argument("--model", default=str(TOY), help="the toy or a grown one [the shipped toy]")
+    p.add_argument("--adapter-path", help="a distilled student of the model")
     p.add_argument("--limit", type=int, default=100)
     a = p.parse_args()
-    model, tokenizer = load(str(TOY), adapter_path=a.adapter_path)
+    model, tokenizer = load(a.model, adapter_path=a.adapter_path)
     right, stopped = Counter(), Counter()
     puzzles = S.load_puzzles(TOY / "test.csv", a.limit)
     for i, (puzzle, solution) in enumerate(puzzles):
@@ -54,7 +55,7 @@ def main():
         right[r] += 1
         stopped[s] += 1
     n = len(puzzles)
-    print(f"Sudoku toy{' + ' + a.adapter_path if a.adapter_path else ''}, {n} puzzles")
+    print(f"{a.model}{' + ' + a.adapter_path if a.adapter_path else ''}, {n} puzzles")
     print("| step | draft right from here on | stopped by here |\n|---|---|---|")
     for s in range(1, 9):
         r = sum(v for k, v in right.items() if k is not None and k <= s) / n

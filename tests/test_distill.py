@@ -220,3 +220,43 @@ def test_distill_bad_inputs_are_one_line(tiny_checkpoint, tmp_path):
     wrong = tmp_path / "wrong.safetensors"
     mx.save_safetensors(str(wrong), {"model.decoder.layers.0.nothing": mx.zeros((2,))})
     assert "wrong.safetensors" in error("--data", str(data), "--resume-adapter-file", str(wrong))
+
+
+def test_grown_student_computes_what_the_base_computes(tmp_path):
+    """benchmarks/grow_depth.py: each copied layer passes the stream through (same encoder
+    and decoder logits), and its zeroed output norms still get a gradient."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import save_checkpoint
+
+    from mlx_diffgemma import load
+    from mlx_diffgemma.tuner.forward import decoder_pass, encoder_pass
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grow_depth.py"
+    spec = importlib.util.spec_from_file_location("grow_depth", path)
+    grow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grow)
+    base = save_checkpoint(random_tiny_model(), tmp_path / "base")
+    grow.grow(base, tmp_path / "deep", 3)
+    (a, _), (b, _) = load(str(base)), load(str(tmp_path / "deep"))
+    assert len(b.model.decoder.layers) == 3 * len(a.model.decoder.layers)
+    assert b.args.layer_types[:3] == [a.args.layer_types[0]] * 3
+    tokens, x = mx.array([[2, 5, 9, 4, 7, 3]]), mx.array([[8, 6, 1, 9, 3, 3, 5, 2]])
+    start = mx.array([2])
+    outs = []
+    for m in (a, b):
+        kvs, enc = encoder_pass(m, tokens)
+        outs.append((enc, decoder_pass(m, x, start, kvs, None)))
+    for u, v in zip(*outs):
+        assert mx.allclose(u, v, atol=1e-5, rtol=1e-5).item()
+
+    def loss(m):
+        kvs, _ = encoder_pass(m, tokens)
+        return decoder_pass(m, x, start, kvs, None).square().mean()
+
+    grads = nn.value_and_grad(b, loss)(b)[1]
+    norm = grads["model"]["decoder"]["layers"][1]["post_attention_layernorm"]["weight"]
+    assert mx.abs(norm).max().item() > 0
+    with pytest.raises(ValueError, match="--factor must be at least 2"):
+        grow.grow(base, tmp_path / "same", 1)
