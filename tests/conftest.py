@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import mlx.core as mx
@@ -72,6 +73,14 @@ def random_tiny_model(
         ]
     )
     return model
+
+
+def default_sigint() -> None:
+    """`Popen(preexec_fn=...)` for tests that press Ctrl-C: the child gets SIGINT's default
+    disposition, as from a terminal. A shell's background job (`nohup ... &`, some CI
+    runners) starts with SIGINT ignored, and Python turns SIGINT into KeyboardInterrupt
+    only when it was not ignored at startup."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def save_checkpoint(model: Model, path: Path) -> Path:

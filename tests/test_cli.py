@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from conftest import default_sigint
 
 from mlx_diffgemma import PromptCache, generate, stream_generate
 from mlx_diffgemma.cli import cli
@@ -296,6 +297,7 @@ def test_ctrl_c_exits_cleanly(tiny_checkpoint):
         stdin=subprocess.DEVNULL,
         cwd=REPO,
         env=subprocess_env(),
+        preexec_fn=default_sigint,
     )
     first = proc.stdout.read(1)  # blocks until the first canvas is committed
     assert first

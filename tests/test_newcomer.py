@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import default_sigint
 
 from mlx_diffgemma import generate, load
 from mlx_diffgemma.convert import convert_command
@@ -73,7 +74,9 @@ def test_ctrl_c_in_lora_is_one_line(tiny_checkpoint, tmp_path, form):
     cmd = ENTRY[form]("lora") + ["--model", str(tiny_checkpoint), "--train", "--data", str(data)]
     cmd += ["--iters", "100000", "--num-layers", "-1", "--batch-size", "2"]
     cmd += ["--adapter-path", str(tmp_path / "adapters")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), preexec_fn=default_sigint
+    )
     # Wait for the trainable-parameter line: training has started.
     line = proc.stdout.readline()
     assert line, proc.stderr.read()
