@@ -12,7 +12,7 @@ pass over the vocabulary, sample, accept, renoise, stop test). Rows:
   fast           FastLoop: top-k stats + gathered self-conditioning (k = 64)
   compact n      CompactLoop.forward_active on n of the C positions (stale K/V for the
                  rest) + its step: a compacted step
-  repair         FastLoop.full_pass: one full forward + argmax
+  repair         FastLoop.repair: one full forward + argmax
 
 Multiply by the forwards (and widths) a trained model needs, from
 benchmarks/fast_quality.py, to compare settings (benchmarks/README.md does).
@@ -61,7 +61,7 @@ def steps(model, cache, k: int):
 
     def repair():
         loop, state = loop_after_one_step(model, cache, fast, plan)
-        return lambda: loop.full_pass(state, plan, cache)[1]
+        return lambda: loop.repair(state, plan, cache).argmax
 
     def compacted(n):
         loop, state = loop_after_one_step(model, cache, compact, plan)

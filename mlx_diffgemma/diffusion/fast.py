@@ -130,19 +130,16 @@ class FastLoop(DenoisingLoop):
         """The logits of the whole canvas's draft (fresh K/V, the last conditioning)."""
         return self.forward(state._replace(canvas=state.argmax), cache)
 
-    def full_pass(self, state: S.StepState, plan: CanvasPlan, cache):
-        """One forward of the whole canvas on its draft, after a canvas stopped:
-        (logits, argmax), the argmax keeping the layout's fixed ids and token classes."""
+    def repair(self, state: S.StepState, plan: CanvasPlan, cache) -> S.StepState:
+        """A repair pass after a canvas stopped: one forward of the whole canvas on its
+        draft, whose argmax (keeping the layout's fixed ids and token classes) becomes
+        the new draft."""
         with mx.stream(self.stream):
             self.count(~self.finished, plan.ids.shape[1])
             logits = self.full_forward(state, cache)
             masked = logits if plan.allowed is None else mx.where(plan.allowed, logits, -mx.inf)
             argmax = mx.where(plan.fixed, plan.ids, mx.argmax(masked, axis=-1))
-            return logits, argmax.astype(state.argmax.dtype)
-
-    def repair(self, state: S.StepState, plan: CanvasPlan, cache) -> S.StepState:
-        """A repair pass: the argmax of a `full_pass` becomes the draft."""
-        return state._replace(argmax=self.full_pass(state, plan, cache)[1])
+            return state._replace(argmax=argmax.astype(state.argmax.dtype))
 
 
 class CompactLoop(FastLoop):
